@@ -1,0 +1,1 @@
+"""Host adapters: the only code in this project that imports a WebUI's modules."""

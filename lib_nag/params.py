@@ -1,0 +1,213 @@
+"""NAG parameters: one validated model, its presets, and its UI, API and infotext forms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+class NagParamError(ValueError):
+    """A NAG parameter has the wrong type or is out of range; the message names the field."""
+
+
+HIRES_MODES = ("Both passes", "First pass only", "Hires pass only")
+
+# name: (UI/infotext label, minimum, maximum)
+NUMBER_RANGES: dict[str, tuple[str, float, float]] = {
+    "scale": ("NAG scale", 1.0, 50.0),
+    "tau": ("NAG tau", 1.0, 20.0),
+    "alpha": ("NAG alpha", 0.0, 1.0),
+    "start": ("NAG start", 0.0, 1.0),
+    "end": ("NAG end", 0.0, 1.0),
+}
+TEXT_LABELS = {
+    "enabled": "NAG enabled",
+    "negative_prompt": "NAG negative prompt",
+    "hires_mode": "NAG hires",
+}
+
+# The order of the script's UI controls, which is also the documented API argument list.
+ARG_ORDER = ("enabled", "scale", "tau", "alpha", "start", "end", "negative_prompt", "hires_mode")
+
+
+def label(name: str) -> str:
+    """The human label of a field, also its infotext key."""
+    return NUMBER_RANGES[name][0] if name in NUMBER_RANGES else TEXT_LABELS[name]
+
+
+def _number(name: str, value: Any) -> float:
+    text, low, high = NUMBER_RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise NagParamError(f"{text} ({name}) must be a finite number from {low:g} to {high:g}, got {value!r}")
+    return float(value)
+
+
+def _hires_mode(value: Any) -> str:
+    if isinstance(value, str):
+        for mode in HIRES_MODES:
+            if value.strip().lower() == mode.lower():
+                return mode
+    raise NagParamError(f"{label('hires_mode')} (hires_mode) must be one of {', '.join(HIRES_MODES)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class NagParams:
+    """Validated NAG settings. ``scale`` follows the authors' code: 1 means no guidance and
+    the paper's φ is ``scale − 1``. ``start``/``end`` are fractions of the sampling steps.
+    An empty ``negative_prompt`` means: use the main negative prompt."""
+
+    enabled: bool = False
+    scale: float = 5.0
+    tau: float = 2.5
+    alpha: float = 0.25
+    start: float = 0.0
+    end: float = 1.0
+    negative_prompt: str = ""
+    hires_mode: str = HIRES_MODES[0]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise NagParamError(f"{label('enabled')} (enabled) must be true or false, got {self.enabled!r}")
+        for name in NUMBER_RANGES:
+            object.__setattr__(self, name, _number(name, getattr(self, name)))
+        if not isinstance(self.negative_prompt, str):
+            raise NagParamError(f"{label('negative_prompt')} (negative_prompt) must be text, got {self.negative_prompt!r}")
+        object.__setattr__(self, "hires_mode", _hires_mode(self.hires_mode))
+        if self.start >= self.end:
+            raise NagParamError(f"NAG start (start) must be below NAG end (end), got start {self.start:g} and end {self.end:g}")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> NagParams:
+        """A copy with some fields replaced, validated like any other."""
+        _reject_unknown(overrides)
+        return replace(self, **overrides)
+
+    def guides_pass(self, is_hires_pass: bool) -> bool:
+        """Whether this sampling pass is guided, by ``hires_mode``."""
+        if not self.enabled:
+            return False
+        return self.hires_mode == HIRES_MODES[0] or (self.hires_mode == HIRES_MODES[2]) == is_hires_pass
+
+
+FIELD_NAMES = tuple(f.name for f in fields(NagParams))
+DEFAULTS = NagParams()
+
+
+def _reject_unknown(keys: Mapping[str, Any]) -> None:
+    unknown = sorted(str(k) for k in keys if k not in FIELD_NAMES)
+    if unknown:
+        raise NagParamError(f"unknown NAG argument(s) {', '.join(unknown)}; known: {', '.join(ARG_ORDER)}")
+
+
+def from_dict(values: Mapping[str, Any]) -> NagParams:
+    """Build from an API dict such as ``{"enabled": true, "scale": 5}``; unknown keys are rejected."""
+    return DEFAULTS.with_overrides(values)
+
+
+def to_dict(params: NagParams) -> dict[str, Any]:
+    return asdict(params)
+
+
+def from_args(args: Sequence[Any]) -> NagParams:
+    """Build from the script's argument list: the positional ``ARG_ORDER`` list (a shorter
+    list keeps the defaults for the rest), or a single dict element in first place."""
+    if args and isinstance(args[0], Mapping):
+        return from_dict(args[0])
+    if len(args) > len(ARG_ORDER):
+        raise NagParamError(f"NAG takes at most {len(ARG_ORDER)} arguments ({', '.join(ARG_ORDER)}), got {len(args)}")
+    return from_dict(dict(zip(ARG_ORDER[: len(args)], args, strict=True)))
+
+
+def to_args(params: NagParams) -> list[Any]:
+    return [getattr(params, name) for name in ARG_ORDER]
+
+
+def to_infotext(params: NagParams) -> dict[str, Any]:
+    """Infotext entries for an image made with NAG; fields at their default are left out
+    (``from_infotext`` restores them). Values are raw: the host quotes them when writing."""
+    entries: dict[str, Any] = {label(n): getattr(params, n) for n in ("scale", "tau", "alpha")}
+    for name in ("start", "end", "negative_prompt", "hires_mode"):
+        if getattr(params, name) != getattr(DEFAULTS, name):
+            entries[label(name)] = getattr(params, name)
+    return entries
+
+
+def from_infotext(entries: Mapping[str, str]) -> NagParams:
+    """Read parsed (already unquoted) infotext. No ``NAG scale`` key means NAG was off."""
+    if label("scale") not in entries:
+        return DEFAULTS
+    values: dict[str, Any] = {"enabled": True}
+    for name in ("scale", "tau", "alpha", "start", "end"):
+        if label(name) in entries:
+            text = entries[label(name)]
+            try:
+                values[name] = float(text)
+            except (TypeError, ValueError):
+                raise NagParamError(f"{label(name)} ({name}) must be a number, got {text!r}") from None
+    for name in ("negative_prompt", "hires_mode"):
+        if label(name) in entries:
+            values[name] = entries[label(name)]
+    return from_dict(values)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Numbers a preset fills in, and where they come from."""
+
+    name: str
+    scale: float
+    tau: float
+    alpha: float
+    end: float
+    source: str
+
+    def apply(self, params: NagParams) -> NagParams:
+        return replace(params, scale=self.scale, tau=self.tau, alpha=self.alpha, start=0.0, end=self.end)
+
+
+PRESETS: tuple[Preset, ...] = (
+    Preset("Default", 5.0, 2.5, 0.25, 1.0, "ComfyUI-NAG node defaults (authors' ComfyUI code)"),
+    Preset(
+        "SD1.x",
+        5.0,
+        2.5,
+        0.38,
+        0.25,
+        "authors' SD1.5 workflow (20 steps, CFG 7): scale 5, tau 2.5, alpha 0.38, nag_sigma_end 4; "
+        "we convert sigma 4 to the first quarter of the steps",
+    ),
+    Preset(
+        "SDXL, 20+ steps with CFG",
+        7.0,
+        2.5,
+        0.25,
+        1.0,
+        "author in ComfyUI-NAG #10: for 20+ step SDXL start with nag_scale above 6; tau/alpha at the node defaults",
+    ),
+    Preset(
+        "SDXL fine-tune / v-pred",
+        7.0,
+        2.5,
+        0.125,
+        1.0,
+        "author in ComfyUI-NAG #10: on fine-tuned or v-pred SDXL lower tau and alpha to 2.5 and 0.125",
+    ),
+    Preset(
+        "Few-step / CFG 1 (Turbo, Lightning, DMD2, LCM)",
+        3.0,
+        2.5,
+        0.5,
+        1.0,
+        "authors' README SDXL example (DMD2 4-step, LCM, guidance_scale 0): nag_scale 3, with the diffusers defaults tau 2.5, alpha 0.5",
+    ),
+    Preset(
+        "Paper (SDXL)",
+        3.0,
+        2.5,
+        0.5,
+        1.0,
+        "paper's SDXL setting phi 2, tau 2.5, alpha 0.5 (quoted in ComfyUI-NAG #10); phi 2 is scale 3",
+    ),
+)
+PRESETS_BY_NAME = {preset.name: preset for preset in PRESETS}

@@ -1,0 +1,37 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+_largest_differences: dict[str, float] = {}
+
+
+@pytest.fixture
+def record_difference(request):
+    """Record the largest difference a test saw against its reference; printed at the end."""
+
+    def record(value: float, label: str = "") -> None:
+        key = request.node.nodeid + (f" [{label}]" if label else "")
+        _largest_differences[key] = max(float(value), _largest_differences.get(key, 0.0))
+
+    return record
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    with torch.no_grad():
+        yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _largest_differences:
+        terminalreporter.section("largest difference against the reference, per test")
+        for key, value in sorted(_largest_differences.items()):
+            terminalreporter.write_line(f"{value:.3e}  {key}")

@@ -1,0 +1,135 @@
+import pytest
+import torch
+from ldm.modules.attention import CrossAttention
+from reference import reference_attention, reference_guided_rows
+
+from lib_nag.attention import NegativeKV, PositiveRows, attention, nag_attention, nag_cross_attention
+from lib_nag.params import NagParams
+
+PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
+
+
+def cross_attention(query_dim=64, context_dim=96, heads=4):
+    return CrossAttention(query_dim, context_dim=context_dim, heads=heads, dim_head=query_dim // heads).eval()
+
+
+def run(module, x, context, positive, negative, kv=None, params=PARAMS):
+    return nag_cross_attention(module, x, context, positive, negative, kv if kv is not None else NegativeKV(), params)
+
+
+def test_no_positive_rows_is_the_stock_forward():
+    module = cross_attention()
+    x, context, negative = torch.randn(3, 16, 64), torch.randn(3, 77, 96), torch.randn(1, 77, 96)
+    stock = module(x, context=context)
+    assert torch.equal(run(module, x, context, None, negative), stock)
+    assert torch.equal(run(module, x, context, PositiveRows.of([], [], "cpu"), negative), stock)
+
+
+def test_negative_equal_to_positive_context_is_the_stock_forward(record_difference):
+    module = cross_attention()
+    x, context = torch.randn(2, 16, 64), torch.randn(2, 77, 96)
+    out = run(module, x, context, PositiveRows.of([0, 1], [0, 1], "cpu"), context)
+    difference = (out - module(x, context=context)).abs().max().item()
+    record_difference(difference)
+    assert difference <= 1e-5
+
+
+@pytest.mark.parametrize("positive_tokens,negative_tokens", [(77, 77), (154, 77), (77, 231), (231, 154)])
+def test_positive_rows_match_reference_and_others_are_bit_identical(positive_tokens, negative_tokens, record_difference):
+    module = cross_attention()
+    # Batch as A1111 lays it out: two cond rows for image 0 (AND), one for image 1, then uncond.
+    x = torch.randn(5, 24, 64)
+    x[3:] = x[[0, 2]]  # uncond rows see the same latents
+    context = torch.randn(5, positive_tokens, 96)
+    negative = torch.randn(2, negative_tokens, 96)
+    positive = PositiveRows.of([0, 1, 2], [0, 0, 1], "cpu")
+
+    out = run(module, x, context, positive, negative)
+    stock = module(x, context=context)
+    assert torch.equal(out[3:], stock[3:])
+    expected = reference_guided_rows(module, x, context, [0, 1, 2], [negative[0:1], negative[0:1], negative[1:2]], 5.0, 2.5, 0.25)
+    difference = (out[:3] - expected).abs().max().item()
+    record_difference(difference, f"{positive_tokens}/{negative_tokens} tokens")
+    assert difference <= 1e-5
+    assert (out[:3] - stock[:3]).abs().max() > 1e-3  # guidance did something
+
+
+def test_positive_rows_in_any_position():
+    module = cross_attention()
+    x, context, negative = torch.randn(4, 16, 64), torch.randn(4, 77, 96), torch.randn(1, 77, 96)
+    out = run(module, x, context, PositiveRows.of([3, 1], [0, 0], "cpu"), negative)
+    stock = module(x, context=context)
+    assert torch.equal(out[[0, 2]], stock[[0, 2]])
+    expected = reference_guided_rows(module, x, context, [3, 1], [negative, negative], 5.0, 2.5, 0.25)
+    torch.testing.assert_close(out[[3, 1]], expected, atol=1e-5, rtol=0)
+
+
+def test_negative_kv_is_reused_and_follows_weight_edits():
+    module = cross_attention()
+    x, context, negative = torch.randn(2, 16, 64), torch.randn(2, 77, 96), torch.randn(1, 77, 96)
+    positive = PositiveRows.of([0], [0], "cpu")
+    kv = NegativeKV()
+    projected = []
+    module.to_k.register_forward_hook(lambda _m, args, _out: projected.append(args[0].shape[1]))
+
+    first = run(module, x, context, positive, negative, kv)
+    second = run(module, x, context, positive, negative, kv)
+    assert torch.equal(first, second)
+    assert projected == [77, 77, 77]  # K⁻ once, K⁺ by the host forward on each call
+    k_cached, _ = kv.get(module, negative, like=x)
+
+    module.to_k.weight.mul_(1.5)  # an in-place edit, as a LoRA applies itself
+    third = run(module, x, context, positive, negative, kv)
+    k_fresh, _ = kv.get(module, negative, like=x)
+    assert not torch.equal(k_fresh, k_cached)
+    torch.testing.assert_close(k_fresh, module.to_k(negative))
+    expected = reference_guided_rows(module, x, context, [0], [negative], 5.0, 2.5, 0.25)
+    torch.testing.assert_close(third[:1], expected, atol=1e-5, rtol=0)
+
+    replacement = negative.clone()  # a new negative context (a prompt-schedule switch)
+    run(module, x, context, positive, replacement, kv)
+    assert kv.get(module, replacement, like=x)[0] is not k_fresh
+
+
+def test_replace_shape_shares_the_a1111_path(record_difference):
+    module = cross_attention()
+    x, context, negative = torch.randn(3, 16, 64), torch.randn(3, 77, 96), torch.randn(2, 77, 96)
+    positive = PositiveRows.of([0, 2], [1, 0], "cpu")
+    kv = NegativeKV()
+    via_module = run(module, x, context, positive, negative, kv)
+
+    q, k, v = module.to_q(x), module.to_k(context), module.to_v(context)
+    k_negative, v_negative = kv.get(module, negative, like=x)
+    via_replace = module.to_out(nag_attention(q, k, v, module.heads, positive, k_negative, v_negative, PARAMS))
+    difference = (via_replace - via_module).abs().max().item()
+    record_difference(difference)
+    assert difference <= 1e-5
+
+
+def test_attention_matches_softmax_reference(record_difference):
+    q, k, v = torch.randn(2, 10, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    difference = (attention(q, k, v, 4) - reference_attention(q, k, v, 4)).abs().max().item()
+    record_difference(difference)
+    assert difference <= 1e-6
+
+
+def test_plain_fallback_matches_sdpa(monkeypatch):
+    import lib_nag.attention as module
+
+    q, k, v = torch.randn(2, 10, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    with_sdpa = attention(q, k, v, 4)
+    monkeypatch.setattr(module, "_sdpa", module._plain_attention)
+    torch.testing.assert_close(attention(q, k, v, 4), with_sdpa, atol=1e-6, rtol=0)
+
+
+def test_hooks_are_removed_even_when_the_forward_raises():
+    module = cross_attention()
+    x, context, negative = torch.randn(1, 16, 64), torch.randn(1, 77, 96), torch.randn(1, 77, 96)
+
+    def broken_forward(self, x, context=None, **kwargs):
+        self.to_q(x)
+        raise RuntimeError("host failure")
+
+    with pytest.raises(RuntimeError, match="host failure"):
+        nag_cross_attention(module, x, context, PositiveRows.of([0], [0], "cpu"), negative, NegativeKV(), PARAMS, forward=broken_forward)
+    assert not module.to_q._forward_hooks and not module.to_out._forward_pre_hooks

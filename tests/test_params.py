@@ -1,0 +1,140 @@
+import math
+
+import pytest
+
+from lib_nag import params as nag
+from lib_nag.params import DEFAULTS, HIRES_MODES, PRESETS, NagParamError, NagParams
+
+
+def test_defaults():
+    numbers = (DEFAULTS.scale, DEFAULTS.tau, DEFAULTS.alpha, DEFAULTS.start, DEFAULTS.end)
+    assert not DEFAULTS.enabled and numbers == (5.0, 2.5, 0.25, 0.0, 1.0)
+    assert DEFAULTS.negative_prompt == "" and DEFAULTS.hires_mode == "Both passes"
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("scale", 0.5, r"NAG scale \(scale\) must be a finite number from 1 to 50, got 0.5"),
+        ("scale", 51, r"\(scale\).*from 1 to 50"),
+        ("scale", math.nan, r"\(scale\).*got nan"),
+        ("scale", math.inf, r"\(scale\)"),
+        ("scale", "5", r"\(scale\).*got '5'"),
+        ("scale", True, r"\(scale\)"),
+        ("scale", None, r"\(scale\)"),
+        ("tau", 0.99, r"NAG tau \(tau\).*from 1 to 20"),
+        ("alpha", -0.1, r"NAG alpha \(alpha\).*from 0 to 1"),
+        ("alpha", 1.5, r"\(alpha\)"),
+        ("start", -0.01, r"NAG start \(start\)"),
+        ("end", 1.01, r"NAG end \(end\)"),
+        ("enabled", "true", r"NAG enabled \(enabled\) must be true or false, got 'true'"),
+        ("enabled", 1, r"\(enabled\)"),
+        ("negative_prompt", 3, r"NAG negative prompt \(negative_prompt\) must be text"),
+        ("hires_mode", "sometimes", r"NAG hires \(hires_mode\) must be one of Both passes, First pass only, Hires pass only"),
+    ],
+)
+def test_wrong_values_name_the_field_and_range(field, value, message):
+    with pytest.raises(NagParamError, match=message):
+        NagParams(**{field: value})
+    with pytest.raises(NagParamError, match=message):
+        nag.from_dict({field: value})
+
+
+def test_start_must_be_below_end():
+    with pytest.raises(NagParamError, match=r"NAG start \(start\) must be below NAG end \(end\), got start 0.5 and end 0.5"):
+        NagParams(start=0.5, end=0.5)
+    assert NagParams(start=0.0, end=0.01).end == 0.01
+
+
+def test_integers_are_accepted_and_stored_as_floats():
+    params = nag.from_dict({"enabled": True, "scale": 5, "tau": 2, "alpha": 0, "end": 1})
+    assert params.scale == 5.0 and isinstance(params.scale, float) and isinstance(params.alpha, float)
+
+
+def test_hires_mode_is_matched_case_insensitively():
+    assert NagParams(hires_mode="hires pass only").hires_mode == "Hires pass only"
+
+
+@pytest.mark.parametrize(
+    "mode,first,hires",
+    [("Both passes", True, True), ("First pass only", True, False), ("Hires pass only", False, True)],
+)
+def test_hires_mode_picks_passes(mode, first, hires):
+    params = NagParams(enabled=True, hires_mode=mode)
+    assert (params.guides_pass(False), params.guides_pass(True)) == (first, hires)
+    assert not NagParams(enabled=False, hires_mode=mode).guides_pass(False)
+
+
+SAMPLE = NagParams(True, 7.5, 3.0, 0.125, 0.1, 0.6, 'blurry, lowres: "bad"\nhands', HIRES_MODES[1])
+
+
+def test_argument_list_round_trip():
+    assert nag.to_args(SAMPLE) == [True, 7.5, 3.0, 0.125, 0.1, 0.6, 'blurry, lowres: "bad"\nhands', "First pass only"]
+    assert nag.from_args(nag.to_args(SAMPLE)) == SAMPLE
+    assert nag.from_args([True, 6]) == NagParams(enabled=True, scale=6.0)
+    assert nag.from_args([]) == DEFAULTS
+
+
+def test_argument_list_too_long_is_rejected():
+    with pytest.raises(NagParamError, match="at most 8 arguments"):
+        nag.from_args([*nag.to_args(SAMPLE), "extra"])
+
+
+def test_dict_round_trip_and_single_dict_argument():
+    assert nag.from_dict(nag.to_dict(SAMPLE)) == SAMPLE
+    ui_defaults = nag.to_args(DEFAULTS)[1:]  # the host fills the rest with UI defaults
+    params = nag.from_args([{"enabled": True, "scale": 5, "negative_prompt": "glasses"}, *ui_defaults])
+    assert params == NagParams(enabled=True, scale=5.0, negative_prompt="glasses")
+
+
+def test_unknown_dict_keys_are_rejected():
+    with pytest.raises(NagParamError, match=r"unknown NAG argument\(s\) sclae, z; known: enabled, scale"):
+        nag.from_dict({"sclae": 5, "z": 1})
+
+
+def test_overrides_are_validated():
+    assert DEFAULTS.with_overrides({"scale": 9}).scale == 9.0
+    with pytest.raises(NagParamError, match=r"\(tau\)"):
+        DEFAULTS.with_overrides({"tau": 0})
+
+
+def test_infotext_round_trip_leaves_defaults_out():
+    entries = nag.to_infotext(SAMPLE)
+    assert entries == {
+        "NAG scale": 7.5,
+        "NAG tau": 3.0,
+        "NAG alpha": 0.125,
+        "NAG start": 0.1,
+        "NAG end": 0.6,
+        "NAG negative prompt": 'blurry, lowres: "bad"\nhands',
+        "NAG hires": "First pass only",
+    }
+    assert list(nag.to_infotext(NagParams(enabled=True))) == ["NAG scale", "NAG tau", "NAG alpha"]
+    as_parsed = {key: str(value) for key, value in entries.items()}
+    assert nag.from_infotext(as_parsed) == SAMPLE
+    assert nag.from_infotext({"NAG scale": "5.0", "NAG tau": "2.5", "NAG alpha": "0.25"}) == NagParams(enabled=True)
+
+
+def test_infotext_without_nag_keys_turns_nag_off():
+    assert nag.from_infotext({"Steps": "20", "CFG scale": "7"}) == DEFAULTS
+    assert not nag.from_infotext({}).enabled
+
+
+def test_bad_infotext_value_names_the_field():
+    with pytest.raises(NagParamError, match=r"NAG tau \(tau\) must be a number, got 'abc'"):
+        nag.from_infotext({"NAG scale": "5", "NAG tau": "abc"})
+
+
+def test_presets_are_valid_and_documented():
+    names = [preset.name for preset in PRESETS]
+    assert len(set(names)) == len(names)
+    for family in ("SD1.x", "SDXL, 20+ steps with CFG", "Few-step / CFG 1 (Turbo, Lightning, DMD2, LCM)", "Paper (SDXL)"):
+        assert family in nag.PRESETS_BY_NAME
+    for preset in PRESETS:
+        applied = preset.apply(SAMPLE)
+        numbers = (applied.scale, applied.tau, applied.alpha, applied.start, applied.end)
+        assert numbers == (preset.scale, preset.tau, preset.alpha, 0.0, preset.end)
+        assert applied.negative_prompt == SAMPLE.negative_prompt
+        assert len(preset.source) > 20
+    paper = nag.PRESETS_BY_NAME["Paper (SDXL)"]
+    assert (paper.scale, paper.tau, paper.alpha) == (3.0, 2.5, 0.5)  # paper phi 2 is scale 3
