@@ -16,8 +16,8 @@ HIRES_MODES = ("Both passes", "First pass only", "Hires pass only")
 
 # name: (UI/infotext label, minimum, maximum)
 NUMBER_RANGES: dict[str, tuple[str, float, float]] = {
-    "scale": ("NAG scale", 1.0, 50.0),
-    "tau": ("NAG tau", 1.0, 20.0),
+    "scale": ("NAG scale", 1.0, 20.0),
+    "tau": ("NAG tau", 1.0, 10.0),
     "alpha": ("NAG alpha", 0.0, 1.0),
     "start": ("NAG start", 0.0, 1.0),
     "end": ("NAG end", 0.0, 1.0),

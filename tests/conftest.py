@@ -5,7 +5,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tests"):
+# The repository, the test helpers, and the host stand-ins: A1111's ``modules`` package and
+# Forge's ``backend`` (see tests/a1111/README.md and tests/forge/README.md).
+for path in (ROOT, ROOT / "tests", ROOT / "tests" / "a1111", ROOT / "tests" / "forge"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

@@ -15,14 +15,14 @@ def test_defaults():
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("scale", 0.5, r"NAG scale \(scale\) must be a finite number from 1 to 50, got 0.5"),
-        ("scale", 51, r"\(scale\).*from 1 to 50"),
+        ("scale", 0.5, r"NAG scale \(scale\) must be a finite number from 1 to 20, got 0.5"),
+        ("scale", 20.5, r"\(scale\).*from 1 to 20"),
         ("scale", math.nan, r"\(scale\).*got nan"),
         ("scale", math.inf, r"\(scale\)"),
         ("scale", "5", r"\(scale\).*got '5'"),
         ("scale", True, r"\(scale\)"),
         ("scale", None, r"\(scale\)"),
-        ("tau", 0.99, r"NAG tau \(tau\).*from 1 to 20"),
+        ("tau", 0.99, r"NAG tau \(tau\).*from 1 to 10"),
         ("alpha", -0.1, r"NAG alpha \(alpha\).*from 0 to 1"),
         ("alpha", 1.5, r"\(alpha\)"),
         ("start", -0.01, r"NAG start \(start\)"),

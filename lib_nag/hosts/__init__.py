@@ -1,1 +1,23 @@
-"""Host adapters: the only code in this project that imports a WebUI's modules."""
+"""Host adapters: the only code in this project that imports a WebUI's modules.
+
+The host is recognised by what it ships, not by its name: the Forge family (Forge, reForge,
+Forge Classic, Neo) has ``modules_forge`` and samples through a UNet patcher; A1111 has neither.
+"""
+
+from importlib.util import find_spec
+
+from .webui import CONSOLE_PREFIX, NagHost
+
+
+def detect_host() -> NagHost:
+    if find_spec("modules_forge") is not None:
+        from .forge import ForgeHost
+
+        return ForgeHost()
+    from .a1111 import A1111Host
+
+    return A1111Host()
+
+
+HOST = detect_host()
+print(f"{CONSOLE_PREFIX} host: {HOST.name}")

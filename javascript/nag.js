@@ -1,0 +1,18 @@
+// Tooltips for the NAG accordion. The WebUI's hints.js looks tooltips up by the visible text
+// of a label in its global `titles` object, which extension scripts may extend.
+(function () {
+    const nagTitles = {
+        "NAG": "Normalized Attention Guidance: pushes every cross-attention output away from the one computed with the NAG negative prompt. Works at CFG 1 (Turbo, Lightning, DMD2, LCM), where the normal negative prompt does nothing.",
+        "NAG preset": "Fills scale, tau, alpha, start and end with values from the NAG authors for a kind of model. Tune only the scale afterwards.",
+        "NAG negative prompt": "What NAG steers away from. Empty: the main negative prompt. Emphasis, embeddings, BREAK and [from:to:step] work as in the main prompt; <lora:...> tags are ignored.",
+        "NAG scale": "Strength. Same convention as the NAG authors' code: 1 = no guidance; the paper's phi is scale - 1 (paper phi 2 = scale 3). SD1.5: about 5; SDXL at 20+ steps: above 6; few-step models: about 3.",
+        "NAG tau": "Cap on how far guidance may move each token: the guided output's L1 norm is kept at most tau times the positive one's. Lower it if images burn or break up.",
+        "NAG alpha": "Blend between the guided output (1) and the unguided one (0). Lower it (with tau) for fine-tuned or v-pred models that degrade.",
+        "NAG start": "Fraction of the sampling steps after which NAG starts (0 = from the first step).",
+        "NAG end": "Fraction of the sampling steps at which NAG stops (1 = to the last step). NAG acts mostly in the early steps; ending earlier saves time.",
+        "NAG hires": "Whether NAG runs in the first pass, the hires-fix pass, or both.",
+    };
+    if (typeof titles !== "undefined") {
+        Object.assign(titles, nagTitles);
+    }
+})();

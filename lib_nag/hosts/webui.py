@@ -1,0 +1,359 @@
+"""What every WebUI host shares: a NAG job's lifecycle, its arguments, the NAG negative
+conditioning, infotext and the console report. Imports the WebUI's ``modules`` (the same API in
+A1111, Forge, reForge and Neo)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import params as nag_params
+from ..attention import NegativeKV
+from ..params import NagParamError, NagParams
+from ..schedule import guided_steps, sampler_step
+
+XYZ_ATTRIBUTE = "nag_xyz"
+CONSOLE_PREFIX = "[NAG]"
+
+
+def job_params(p: Any, args: Sequence[Any]) -> NagParams:
+    """The job's NAG settings: the script's arguments (UI, API list or API dict), then any
+    XYZ-plot overrides the cell's ``p`` carries."""
+    return nag_params.from_args(args).with_overrides(getattr(p, XYZ_ATTRIBUTE, {}))
+
+
+def set_xyz_override(p: Any, name: str, value: Any) -> None:
+    """Override one field for an XYZ cell. XYZ cells are shallow copies of one ``p``, so the
+    dict is replaced, never edited in place."""
+    setattr(p, XYZ_ATTRIBUTE, {**getattr(p, XYZ_ATTRIBUTE, {}), name: value})
+
+
+def write_infotext(p: Any, params: NagParams | None) -> None:
+    """Put NAG's entries in the image parameters, or take them out. XYZ cells share one
+    ``extra_generation_params`` dict, so a new dict is assigned."""
+    kept = {k: v for k, v in p.extra_generation_params.items() if not k.startswith("NAG ")}
+    p.extra_generation_params = {**kept, **(nag_params.to_infotext(params) if params else {})}
+
+
+def paste_reader(name: str) -> Callable[[dict], Any]:
+    """An infotext paste field: the value for ``name`` when the infotext has NAG keys (missing
+    keys read as defaults), ``None`` (leave the control as it is) when it has none."""
+
+    def read(entries: dict) -> Any:
+        if name == "enabled":
+            return nag_params.label("scale") in entries
+        if nag_params.label("scale") not in entries:
+            return None
+        return getattr(nag_params.from_infotext(entries), name)
+
+    return read
+
+
+@dataclass
+class PassReport:
+    is_hires: bool
+    steps: int = 0
+    guided: set[int] = field(default_factory=set)
+    layers: int = 0
+    skipped: str = ""
+
+
+@dataclass
+class JobReport:
+    """What NAG did in one job, over all its batches; printed as one console line."""
+
+    model: str = ""
+    passes: dict[bool, PassReport] = field(default_factory=dict)
+    error: str = ""
+
+    def pass_report(self, is_hires: bool) -> PassReport:
+        return self.passes.setdefault(is_hires, PassReport(is_hires))
+
+    def line(self) -> str:
+        if self.error:
+            return f"{CONSOLE_PREFIX} invalid arguments, job stopped: {self.error}"
+        guided = [p for p in self.passes.values() if not p.skipped]
+        if not guided:
+            reasons = sorted({p.skipped for p in self.passes.values()}) or ["no sampling pass ran"]
+            return f"{CONSOLE_PREFIX} skipped: {'; '.join(reasons)}"
+        parts = [f"{'hires' if p.is_hires else 'first'} pass {len(p.guided)}/{p.steps} steps guided" for p in guided]
+        layers = max(p.layers for p in guided)
+        return f"{CONSOLE_PREFIX} active on {self.model}: {', '.join(parts)}, {layers} cross-attention layers hooked"
+
+
+def model_family(sd_model: Any) -> str:
+    for flag, name in (("is_sdxl", "SDXL"), ("is_sd2", "SD2"), ("is_sd1", "SD1")):
+        if getattr(sd_model, flag, False):
+            return name
+    return type(sd_model).__name__
+
+
+def unsupported_reason(sd_model: Any, attn2_count: int) -> str:
+    if attn2_count:
+        return ""
+    family = "SD3" if getattr(sd_model, "is_sd3", False) else model_family(sd_model)
+    return f"{family} has no cross-attention (attn2) layers"
+
+
+def negative_texts(p: Any, params: NagParams, is_hires: bool) -> list[str]:
+    """One NAG negative per image of the batch: the NAG box with ``<lora:…>`` tags stripped,
+    or, when it is empty, each image's main negative prompt."""
+    from modules import extra_networks
+
+    images = p.hr_negative_prompts if is_hires else p.negative_prompts
+    if not params.negative_prompt.strip():
+        return list(images)
+    text, _networks = extra_networks.parse_prompt(params.negative_prompt)
+    return [text] * len(images)
+
+
+class NegativeConditioning:
+    """The NAG negative, encoded by the host's own prompt pipeline (emphasis, embeddings, BREAK,
+    chunks, clip skip, prompt scheduling) after extra networks are active, cached with the host's
+    own keys. Unlike the host's negatives, an empty prompt is encoded, not zeroed."""
+
+    def __init__(self) -> None:
+        self._caches = {False: [None, None], True: [None, None]}
+
+    def encode(self, p: Any, params: NagParams, is_hires: bool) -> list:
+        from modules import prompt_parser, sd_samplers
+
+        texts = negative_texts(p, params, is_hires)
+        if is_hires:
+            config = sd_samplers.find_sampler_config(getattr(p, "hr_sampler_name", None) or p.sampler_name)
+            steps = p.hr_second_pass_steps or p.steps
+            hires_steps = config.total_steps(steps) if config else steps
+            width, height, networks = p.hr_upscale_to_x, p.hr_upscale_to_y, p.hr_extra_network_data
+        else:
+            config = sd_samplers.find_sampler_config(p.sampler_name)
+            hires_steps, width, height, networks = None, p.width, p.height, p.extra_network_data
+        first_pass_steps = config.total_steps(p.steps) if config else p.steps
+        prompts = prompt_parser.SdConditioning(texts, width=width, height=height)
+        cache = self._caches[is_hires]
+        return p.get_conds_with_caching(prompt_parser.get_learned_conditioning, prompts, first_pass_steps, [cache], networks, hires_steps)
+
+    def forget(self) -> None:
+        for cache in self._caches.values():
+            cache[:] = [None, None]
+
+
+def schedule_indices(schedules: list, step: int) -> tuple[int, ...]:
+    """Which entry of each image's prompt schedule the host uses at ``step``."""
+    return tuple(next((i for i, entry in enumerate(s) if step <= entry.end_at_step), 0) for s in schedules)
+
+
+def crossattn(cond: Any) -> Any:
+    """The cross-attention context of a conditioning (SDXL conds are dicts)."""
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+def weights_sum_to_one(weights: Sequence[Sequence[float]]) -> bool:
+    return all(math.isclose(sum(w), 1.0, rel_tol=0.0, abs_tol=1e-6) for w in weights)
+
+
+def raise_on_sampling(p: Any, error: NagParamError) -> None:
+    """Make the job fail with ``error`` at sampling time: the host swallows exceptions from
+    script hooks, but not from ``p.sample``, so the UI and the API report it."""
+
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise error
+
+    p.sample = refuse
+
+
+def attn2_modules(unet: torch.nn.Module | None) -> list[tuple[str, torch.nn.Module]]:
+    """The cross-attention modules of an SD/SDXL UNet, by name (the class differs by host and
+    by attention backend)."""
+    if unet is None:
+        return []
+    return [(name, module) for name, module in unet.named_modules() if name.endswith(".attn2")]
+
+
+def calls_per_step(denoiser: Any) -> int:
+    config = getattr(getattr(denoiser, "sampler", None), "config", None)
+    return 2 if config is not None and config.options.get("second_order", False) else 1
+
+
+class NagPass:
+    """NAG on one sampling pass, for any host: the NAG negative of the pass, the step window,
+    and an ``on_cfg_denoiser`` callback registered for the pass alone. A host subclass hooks
+    the UNet (``hook``/``unhook``) and reads each denoiser call (``on_step``)."""
+
+    def __init__(self, job: NagJob, report: PassReport) -> None:
+        from modules import script_callbacks, shared
+
+        self.job = job
+        self.params: NagParams = job.params
+        self.report = report
+        self.is_hires = report.is_hires
+        self.kv = NegativeKV()
+        self.negative: torch.Tensor | None = None
+        self.negative_key: tuple[int, ...] | None = None
+        self.hooked = False
+        self.model = shared.sd_model
+        self.schedules = job.negative.encode(job.p, self.params, self.is_hires)
+        self.hooked = self.hook(self.model)
+        script_callbacks.on_cfg_denoiser(self.on_cfg_denoiser)
+
+    def hook(self, sd_model: Any) -> bool:
+        """Hook the model's UNet; return whether anything was hooked."""
+        raise NotImplementedError
+
+    def unhook(self) -> None:
+        raise NotImplementedError
+
+    def on_step(self, params: Any, active: bool) -> None:
+        """Read one denoiser call (``params`` is the host's ``CFGDenoiserParams``)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        from modules import script_callbacks
+
+        script_callbacks.remove_callbacks_for_function(self.on_cfg_denoiser)
+        self.unhook()
+        self.hooked = False
+        self.negative = None
+
+    def on_cfg_denoiser(self, params: Any) -> None:
+        from modules import shared
+
+        denoiser = params.denoiser
+        if denoiser is None or getattr(denoiser, "p", None) is not self.job.p:
+            return
+        if shared.sd_model is not self.model:
+            self.follow_model_switch(shared.sd_model)
+        step, steps = sampler_step(denoiser.step, denoiser.total_steps, calls_per_step(denoiser))
+        window = guided_steps(steps, self.params.start, self.params.end)
+        self.report.steps = steps
+        active = self.hooked and step in window
+        if active:
+            self.report.guided.add(step)
+            self.set_negative(denoiser.step)
+        elif self.hooked and step >= window.stop:
+            self.unhook()  # past the end step: the host's own attention runs untouched
+            self.hooked = False
+        self.on_step(params, active)
+
+    def set_negative(self, denoiser_step: int) -> None:
+        from modules import prompt_parser
+
+        # The host indexes schedules by denoiser call, as for its own conds; the tensor is only
+        # rebuilt when the schedule moves, so the K⁻/V⁻ cache holds across steps.
+        key = schedule_indices(self.schedules, denoiser_step)
+        if key != self.negative_key:
+            self.negative = crossattn(prompt_parser.reconstruct_cond_batch(self.schedules, denoiser_step))
+            self.negative_key = key
+
+    def follow_model_switch(self, sd_model: Any) -> None:
+        """A refiner switch replaced the model mid-pass: move NAG onto its UNet, with the NAG
+        negative encoded by the new model."""
+        self.unhook()
+        self.model = sd_model
+        self.schedules = self.job.negative.encode(self.job.p, self.params, self.is_hires)
+        self.negative = self.negative_key = None
+        self.kv = NegativeKV()
+        self.hooked = self.hook(sd_model)
+
+
+class NagJob:
+    """One job (one ``p``) with NAG enabled."""
+
+    def __init__(self, host: NagHost, p: Any, params: NagParams) -> None:
+        self.host = host
+        self.p = p
+        self.params = params
+        self.negative = host.negative
+        self.report = JobReport()
+        self.pass_: NagPass | None = None
+        self.guard_sampling()
+
+    def guard_sampling(self) -> None:
+        """``postprocess`` does not run when sampling raises; ``p.sample`` (which holds every
+        sampling pass of a batch) always ends the pass, and ends the job if it raises."""
+        original = self.p.sample
+
+        def sample(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            except BaseException:
+                self.host.end_job()
+                raise
+            finally:
+                self.end_pass()
+
+        self.p.sample = sample
+
+    def start_pass(self) -> None:
+        from modules import shared
+
+        self.end_pass()
+        is_hires = bool(getattr(self.p, "is_hr_pass", False))
+        report = self.report.pass_report(is_hires)
+        if not self.params.guides_pass(is_hires):
+            report.skipped = f"{self.params.hires_mode.lower()} mode"
+            return
+        self.report.model = model_family(shared.sd_model)
+        report.skipped = self.host.unsupported_reason(shared.sd_model)
+        if not report.skipped:
+            self.pass_ = self.host.pass_class(self, report)
+
+    def end_pass(self) -> None:
+        if self.pass_ is not None:
+            self.pass_.close()
+            self.pass_ = None
+
+    def close(self) -> None:
+        self.end_pass()
+        if self.p.__dict__.get("sample") is not None:
+            del self.p.sample
+
+
+class NagHost:
+    """The extension's state in one WebUI process: at most one job at a time (the WebUI runs
+    one job at a time)."""
+
+    name = ""
+    pass_class: type[NagPass]
+
+    def __init__(self) -> None:
+        self.job: NagJob | None = None
+        self.negative = NegativeConditioning()
+
+    def unet(self, sd_model: Any) -> torch.nn.Module | None:
+        raise NotImplementedError
+
+    def unsupported_reason(self, sd_model: Any) -> str:
+        return unsupported_reason(sd_model, len(attn2_modules(self.unet(sd_model))))
+
+    def start_job(self, p: Any, args: tuple) -> None:
+        self.end_job(report=False)  # whatever a previous job left
+        try:
+            params = job_params(p, args)
+        except NagParamError as error:
+            print(JobReport(error=str(error)).line())
+            raise_on_sampling(p, error)
+            return
+        supported = params.enabled and not self.unsupported_reason(p.sd_model)
+        write_infotext(p, params if supported else None)
+        if params.enabled:
+            self.job = NagJob(self, p, params)
+
+    def start_pass(self, p: Any) -> None:
+        if self.job is not None and self.job.p is p:
+            self.job.start_pass()
+
+    def end_job(self, report: bool = True) -> None:
+        from modules import shared
+
+        job, self.job = self.job, None
+        if job is None:
+            return
+        job.close()
+        if not shared.opts.persistent_cond_cache:
+            self.negative.forget()
+        if report:
+            print(job.report.line())
