@@ -8,11 +8,11 @@ from torch import nn
 SDXL_ADM_CHANNELS = 2816
 
 
-def sd1_like_unet(context_dim: int = 768, model_channels: int = 32) -> UNetModel:
-    """SD1 layout in miniature: conv proj_in/out transformers, context 768."""
+def sd1_like_unet(context_dim: int = 768, model_channels: int = 32, in_channels: int = 4) -> UNetModel:
+    """SD1 layout in miniature: conv proj_in/out transformers, context 768 (8 input channels: InstructPix2Pix)."""
     return UNetModel(
         image_size=8,
-        in_channels=4,
+        in_channels=in_channels,
         model_channels=model_channels,
         out_channels=4,
         num_res_blocks=1,
@@ -26,7 +26,7 @@ def sd1_like_unet(context_dim: int = 768, model_channels: int = 32) -> UNetModel
     ).eval()
 
 
-def sdxl_like_unet(context_dim: int = 2048, model_channels: int = 32) -> UNetModel:
+def sdxl_like_unet(context_dim: int = 2048, model_channels: int = 32, adm_channels: int = SDXL_ADM_CHANNELS) -> UNetModel:
     """SDXL layout in miniature: linear transformers, context 2048, and the ``sequential``
     class embedding of ``sgm``'s UNet over the 2816-wide ``vector`` (adm) input.
 
@@ -51,7 +51,7 @@ def sdxl_like_unet(context_dim: int = 2048, model_channels: int = 32) -> UNetMod
     )
     embed_dim = model_channels * 4
     unet.num_classes = "sequential"
-    unet.label_emb = nn.Sequential(nn.Sequential(linear(SDXL_ADM_CHANNELS, embed_dim), nn.SiLU(), linear(embed_dim, embed_dim)))
+    unet.label_emb = nn.Sequential(nn.Sequential(linear(adm_channels, embed_dim), nn.SiLU(), linear(embed_dim, embed_dim)))
     return unet.eval()
 
 
