@@ -449,3 +449,9 @@ def test_script_unload_ends_a_job_left_running(spy):
     assert HOST.job is not None
     script_callbacks.script_unloaded_callback()
     assert HOST.job is None and "sample" not in p.__dict__
+
+
+def test_hires_only_without_hires_writes_no_infotext(spy, capsys):
+    processed = run(job(spy, [True, 5.0, 2.5, 0.25, 0.0, 1.0, "", "Hires pass only"], steps=2))
+    assert "NAG" not in processed.infotexts[0] and not spy.calls
+    assert "[NAG] skipped: hires pass only mode" in capsys.readouterr().out

@@ -111,6 +111,12 @@ def negative_texts(p: Any, params: NagParams, is_hires: bool) -> list[str]:
     return [text] * len(images)
 
 
+def total_steps(sd_samplers: Any, sampler_name: str | None, steps: int) -> int:
+    """Denoiser calls for ``steps`` of a sampler, as the host counts them for prompt schedules."""
+    config = sd_samplers.find_sampler_config(sampler_name)
+    return config.total_steps(steps) if config else steps
+
+
 class NegativeConditioning:
     """The NAG negative, encoded by the host's own prompt pipeline (emphasis, embeddings, BREAK,
     chunks, clip skip, prompt scheduling) after extra networks are active, cached with the host's
@@ -123,15 +129,13 @@ class NegativeConditioning:
         from modules import prompt_parser, sd_samplers
 
         texts = negative_texts(p, params, is_hires)
+        # The host's own schedule steps: first-pass total steps, plus the hires total in the hires pass.
+        first_pass_steps = total_steps(sd_samplers, p.sampler_name, p.steps)
         if is_hires:
-            config = sd_samplers.find_sampler_config(getattr(p, "hr_sampler_name", None) or p.sampler_name)
-            steps = p.hr_second_pass_steps or p.steps
-            hires_steps = config.total_steps(steps) if config else steps
+            hires_steps = total_steps(sd_samplers, getattr(p, "hr_sampler_name", None) or p.sampler_name, p.hr_second_pass_steps or p.steps)
             width, height, networks = p.hr_upscale_to_x, p.hr_upscale_to_y, p.hr_extra_network_data
         else:
-            config = sd_samplers.find_sampler_config(p.sampler_name)
             hires_steps, width, height, networks = None, p.width, p.height, p.extra_network_data
-        first_pass_steps = config.total_steps(p.steps) if config else p.steps
         prompts = prompt_parser.SdConditioning(texts, width=width, height=height)
         cache = self._caches[is_hires]
         return p.get_conds_with_caching(prompt_parser.get_learned_conditioning, prompts, first_pass_steps, [cache], networks, hires_steps)
@@ -300,6 +304,7 @@ class NagJob:
         report.skipped = self.host.unsupported_reason(shared.sd_model)
         if not report.skipped:
             self.pass_ = self.host.pass_class(self, report)
+            write_infotext(self.p, self.params)  # NAG runs: the image parameters say so
 
     def end_pass(self) -> None:
         if self.pass_ is not None:
@@ -337,8 +342,7 @@ class NagHost:
             print(JobReport(error=str(error)).line())
             raise_on_sampling(p, error)
             return
-        supported = params.enabled and not self.unsupported_reason(p.sd_model)
-        write_infotext(p, params if supported else None)
+        write_infotext(p, None)
         if params.enabled:
             self.job = NagJob(self, p, params)
 
