@@ -232,12 +232,18 @@ def test_refiner_switch_moves_nag_to_the_refiner(spy):
     assert any(id(module) in refiner_modules for module, *_ in spy.calls)
 
 
-def test_cfg_1_skips_the_uncond_pass_with_the_same_result(spy, monkeypatch):
+@pytest.fixture
+def unet_rows(monkeypatch):
+    """The number of rows of every UNet call, on a fresh SD1 model."""
     rows = []
-    model = make_sd_model("sd1")
-    load(model)
+    model = load(make_sd_model("sd1"))
     real_apply = type(model).apply_model
     monkeypatch.setattr(type(model), "apply_model", lambda self, x, t, cond: rows.append(x.shape[0]) or real_apply(self, x, t, cond))
+    return rows
+
+
+def test_cfg_1_skips_the_uncond_pass_with_the_same_result(spy, monkeypatch, unet_rows):
+    rows = unet_rows
     fields = {"cfg_scale": 1.0, "batch_size": 2, "prompt": ["a cat", "a dog:0.25 AND a hat:0.75"], "steps": 3}
     skipped = run(job(spy, **fields)).images
     assert rows == [3, 3, 3]  # cond rows only: 1 for the cat, 2 for the dog's AND (weights sum to 1)
@@ -250,14 +256,9 @@ def test_cfg_1_skips_the_uncond_pass_with_the_same_result(spy, monkeypatch):
         assert (a - b).abs().max() <= 1e-6 * b.abs().max()
 
 
-def test_cfg_1_keeps_the_uncond_pass_when_weights_do_not_sum_to_1(spy, monkeypatch):
-    rows = []
-    model = make_sd_model("sd1")
-    load(model)
-    real_apply = type(model).apply_model
-    monkeypatch.setattr(type(model), "apply_model", lambda self, x, t, cond: rows.append(x.shape[0]) or real_apply(self, x, t, cond))
+def test_cfg_1_keeps_the_uncond_pass_when_weights_do_not_sum_to_1(spy, unet_rows):
     run(job(spy, cfg_scale=1.0, prompt="a dog AND a hat:0.25", steps=2))
-    assert rows == [3, 3]
+    assert unet_rows == [3, 3]
 
 
 @pytest.mark.parametrize("ending", ["finished", "interrupted", "skipped", "raised"])

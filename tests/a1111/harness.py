@@ -50,40 +50,34 @@ def script_runner(*scripts_and_args: tuple[scripts.Script, list], is_img2img: bo
     return runner, script_args
 
 
+JOB_DEFAULTS = {
+    "prompt": "a photo of a cat",
+    "negative_prompt": "blurry",
+    "width": 64,
+    "height": 64,
+    "steps": 4,
+    "sampler_name": "Euler",
+    "seed": 1,
+}
+
+
+def _job(kind: type, runner: scripts.ScriptRunner | None, script_args: list | None, fields: dict[str, Any]) -> Any:
+    """A ``p`` as modules/txt2img.py and modules/img2img.py build it (small defaults), scripts attached."""
+    p = kind(**{**JOB_DEFAULTS, **fields})
+    p.scripts, p.script_args = runner, script_args if script_args is not None else [0]
+    return p
+
+
 def txt2img(
     runner: scripts.ScriptRunner | None = None, script_args: list | None = None, **kwargs: Any
 ) -> processing.StableDiffusionProcessingTxt2Img:
-    """A txt2img ``p`` as modules/txt2img.py builds it (small defaults: 64×64, 4 Euler steps), scripts attached."""
-    defaults = {
-        "prompt": "a photo of a cat",
-        "negative_prompt": "blurry",
-        "width": 64,
-        "height": 64,
-        "steps": 4,
-        "sampler_name": "Euler",
-        "seed": 1,
-    }
-    p = processing.StableDiffusionProcessingTxt2Img(**{**defaults, **kwargs})
-    p.scripts, p.script_args = runner, script_args if script_args is not None else [0]
-    return p
+    return _job(processing.StableDiffusionProcessingTxt2Img, runner, script_args, kwargs)
 
 
 def img2img(
     runner: scripts.ScriptRunner | None = None, script_args: list | None = None, **kwargs: Any
 ) -> processing.StableDiffusionProcessingImg2Img:
-    """An img2img ``p`` as modules/img2img.py builds it (small defaults), scripts attached."""
-    defaults = {
-        "prompt": "a photo of a cat",
-        "negative_prompt": "blurry",
-        "width": 64,
-        "height": 64,
-        "steps": 4,
-        "sampler_name": "Euler",
-        "seed": 1,
-    }
-    p = processing.StableDiffusionProcessingImg2Img(**{**defaults, **kwargs})
-    p.scripts, p.script_args = runner, script_args if script_args is not None else [0]
-    return p
+    return _job(processing.StableDiffusionProcessingImg2Img, runner, script_args, kwargs)
 
 
 def run(p: processing.StableDiffusionProcessing) -> processing.Processed:
