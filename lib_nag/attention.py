@@ -5,7 +5,7 @@ output of the positive rows only. Rows that are not positive therefore keep exac
 host computes, and the positive rows' ``Z⁺`` is the host's own attention output.
 
 - A1111 (``nag_cross_attention``): the host's attention forward runs unchanged; a hook on
-  ``to_q`` keeps the positive rows' queries and a pre-hook on ``to_out`` guides them.
+  ``to_q`` keeps the positive rows' queries and a pre-hook on the out-projection guides them.
 - Forge family (``nag_attention``): the attn2 replace patch gets projected q/k/v and returns
   the output before ``to_out``, so the host attention function runs and the same
   ``guide_rows`` follows.
@@ -130,6 +130,12 @@ def guide_rows(
     return z.index_copy(0, positive.rows, guided)
 
 
+def out_projection(module: torch.nn.Module) -> torch.nn.Module:
+    """The out-projection Linear: A1111's sdp and sub-quadratic forwards call ``to_out[0]``
+    directly rather than the ``to_out`` Sequential, so the hook goes on the Linear."""
+    return module.to_out[0] if isinstance(module.to_out, torch.nn.Sequential) else module.to_out
+
+
 def nag_cross_attention(
     module: torch.nn.Module,
     x: torch.Tensor,
@@ -164,7 +170,7 @@ def nag_cross_attention(
         return (guide_rows(z, queries.pop(), positive, k_negative, v_negative, module.heads, params), *rest)
 
     query_hook = module.to_q.register_forward_hook(keep_positive_queries)
-    out_hook = module.to_out.register_forward_pre_hook(guide_before_out_projection)
+    out_hook = out_projection(module).register_forward_pre_hook(guide_before_out_projection)
     try:
         return forward(module, x, context=context, **kwargs)
     finally:

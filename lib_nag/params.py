@@ -124,30 +124,30 @@ def to_args(params: NagParams) -> list[Any]:
 
 
 def to_infotext(params: NagParams) -> dict[str, Any]:
-    """Infotext entries for an image made with NAG; fields at their default are left out
-    (``from_infotext`` restores them). Values are raw: the host quotes them when writing."""
-    entries: dict[str, Any] = {label(n): getattr(params, n) for n in ("scale", "tau", "alpha")}
-    for name in ("start", "end", "negative_prompt", "hires_mode"):
-        if getattr(params, name) != getattr(DEFAULTS, name):
-            entries[label(name)] = getattr(params, name)
+    """Infotext entries for an image made with NAG: every field, so that pasting restores the
+    exact settings. Values are raw (the host quotes them when writing), except an empty NAG
+    negative prompt, written as ``""`` because the host's reader drops empty values."""
+    entries: dict[str, Any] = {label(name): getattr(params, name) for name in ARG_ORDER[1:]}
+    entries[label("negative_prompt")] = params.negative_prompt or '""'
     return entries
 
 
 def from_infotext(entries: Mapping[str, str]) -> NagParams:
-    """Read parsed (already unquoted) infotext. No ``NAG scale`` key means NAG was off."""
+    """Read parsed (already unquoted) infotext. No ``NAG scale`` key means NAG was off; a
+    missing key reads as its default."""
     if label("scale") not in entries:
         return DEFAULTS
     values: dict[str, Any] = {"enabled": True}
-    for name in ("scale", "tau", "alpha", "start", "end"):
-        if label(name) in entries:
-            text = entries[label(name)]
+    for name in ARG_ORDER[1:]:
+        if label(name) not in entries:
+            continue
+        text = entries[label(name)]
+        if name in NUMBER_RANGES:
             try:
-                values[name] = float(text)
+                text = float(text)
             except (TypeError, ValueError):
                 raise NagParamError(f"{label(name)} ({name}) must be a number, got {text!r}") from None
-    for name in ("negative_prompt", "hires_mode"):
-        if label(name) in entries:
-            values[name] = entries[label(name)]
+        values[name] = text
     return from_dict(values)
 
 

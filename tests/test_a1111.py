@@ -9,7 +9,7 @@ import pytest
 import torch
 from fake_models import make_sd_model
 from harness import img2img, load, reset_host, run, script_runner, txt2img
-from modules import prompt_parser, script_callbacks, scripts, sd_models, shared
+from modules import errors, prompt_parser, script_callbacks, scripts, sd_models, shared
 from modules.api import api
 
 from lib_nag import params as nag_params
@@ -261,6 +261,17 @@ def test_cfg_1_keeps_the_uncond_pass_when_weights_do_not_sum_to_1(spy, unet_rows
     assert unet_rows == [3, 3]
 
 
+def test_cfg_1_keeps_the_uncond_pass_when_another_extension_reads_it(spy, monkeypatch, unet_rows):
+    from modules import sd_samplers_cfg_denoiser
+
+    script_callbacks.on_cfg_denoised(lambda params: None)
+    run(job(spy, cfg_scale=1.0, steps=1))
+    script_callbacks.clear_callbacks()
+    monkeypatch.setattr(sd_samplers_cfg_denoiser.CFGDenoiser, "combine_denoised", lambda self, *args: args[0][:1])  # a hijack
+    run(job(spy, cfg_scale=1.0, steps=1))
+    assert unet_rows == [2, 2]
+
+
 @pytest.mark.parametrize("ending", ["finished", "interrupted", "skipped", "raised"])
 def test_nothing_is_left_after_any_job(spy, monkeypatch, ending):
     model = make_sd_model("sd1")
@@ -392,41 +403,43 @@ def test_xyz_override_does_not_touch_the_shared_arguments(spy):
         xyz.confirm(cell, [2.0, 0.5], name="tau")
 
 
-def test_infotext_pastes_back_and_no_nag_keys_turn_it_off():
+def built_ui(spy):
+    import gradio as gr
+
+    script = spy.script_class()
+    script.is_img2img = False
+    with gr.Blocks():
+        controls = script.ui(False)
+    return script, controls
+
+
+def test_infotext_pastes_back_and_no_nag_keys_turn_it_off(spy):
     from modules import infotext_utils
 
-    from lib_nag.hosts import webui
-
-    fields = [(name, webui.paste_reader(name)) for name in nag_params.ARG_ORDER]
+    script, _controls = built_ui(spy)
     params = nag_params.NagParams(True, 7.5, 3.0, 0.125, 0.1, 0.6, 'glasses, "beard": x\nhat', "Hires pass only")
-    text = "a cat\nNegative prompt: ugly\nSteps: 20, Sampler: Euler, " + ", ".join(
-        f"{k}: {infotext_utils.quote(v)}" for k, v in nag_params.to_infotext(params).items()
-    )
-    parsed = infotext_utils.parse_generation_parameters(text)
-    assert [read(parsed) for _name, read in fields] == nag_params.to_args(params)
-    no_nag = infotext_utils.parse_generation_parameters("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7")
-    assert [read(no_nag) for _name, read in fields] == [False] + [None] * 7  # off; the rest left as they are
+    for made in (params, nag_params.NagParams(enabled=True)):
+        line = ", ".join(f"{k}: {infotext_utils.quote(v)}" for k, v in nag_params.to_infotext(made).items())
+        pasted = infotext_utils.paste_infotext(f"a cat\nNegative prompt: ugly\nSteps: 20, Sampler: Euler, {line}", script.infotext_fields)
+        assert pasted == nag_params.to_args(made)
+    no_nag = infotext_utils.paste_infotext("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7", script.infotext_fields)
+    assert no_nag == [False] + [None] * 7  # off; the rest left as they are
+    assert script.paste_field_names == [name for _c, name in script.infotext_fields[1:]]  # "Send to" carries them
 
 
 # --- UI and XYZ registration ----------------------------------------------------------------------
 
 
 def test_ui_builds_the_accordion_in_argument_order(spy):
-    import gradio as gr
-
     from lib_nag.hosts import ui
 
-    script = spy.script_class()
-    script.is_img2img = False
-    with gr.Blocks():
-        controls = script.ui(False)
+    _script, controls = built_ui(spy)
     assert [c.label for c in controls] == ["NAG", *(nag_params.label(n) for n in nag_params.ARG_ORDER[1:])]
     assert [c.value for c in controls] == nag_params.to_args(nag_params.DEFAULTS)
     for name, control in zip(nag_params.ARG_ORDER, controls, strict=True):
         if name in nag_params.NUMBER_RANGES:  # what /sdapi/v1/script-info reports
             assert (control.minimum, control.maximum) == nag_params.NUMBER_RANGES[name][1:]
     assert controls[-1].choices and controls[0].elem_id == "script_txt2img_nag_enabled-checkbox"
-    assert script.infotext_fields[0][1]({"NAG scale": "5"}) is True
     assert ui.preset_values("SD1.x") == [5.0, 2.5, 0.38, 0.0, 0.25]
 
 
@@ -456,3 +469,30 @@ def test_hires_only_without_hires_writes_no_infotext(spy, capsys):
     processed = run(job(spy, [True, 5.0, 2.5, 0.25, 0.0, 1.0, "", "Hires pass only"], steps=2))
     assert "NAG" not in processed.infotexts[0] and not spy.calls
     assert "[NAG] skipped: hires pass only mode" in capsys.readouterr().out
+
+
+def test_a1111_1_6_callback_params_without_denoiser(spy, monkeypatch):
+    """CFGDenoiserParams gained ``denoiser`` in 1.8; before, the sampler holds the denoiser."""
+    real = script_callbacks.CFGDenoiserParams.__init__
+
+    def without_denoiser(self, *args, denoiser=None, **kwargs):
+        real(self, *args[:7], **kwargs)
+        del self.denoiser
+
+    monkeypatch.setattr(script_callbacks.CFGDenoiserParams, "__init__", without_denoiser)
+    run(job(spy, steps=2))
+    assert spy.calls and not errors.reported
+
+
+def test_a1111_1_9_0_stale_sorted_callbacks_do_not_revive_a_closed_pass(spy, monkeypatch):
+    """1.9.0's remove_callbacks_for_function left its sorted copy in ordered_callbacks_map."""
+
+    def remove_without_purge(callback_func):
+        for callbacks in script_callbacks.callback_map.values():
+            callbacks[:] = [c for c in callbacks if c.callback != callback_func]
+
+    monkeypatch.setattr(script_callbacks, "remove_callbacks_for_function", remove_without_purge)
+    run(job(spy, steps=2))
+    first = len(spy.calls)
+    run(job(spy, steps=2))
+    assert len(spy.calls) == 2 * first

@@ -132,4 +132,38 @@ def test_hooks_are_removed_even_when_the_forward_raises():
 
     with pytest.raises(RuntimeError, match="host failure"):
         nag_cross_attention(module, x, context, PositiveRows.of([0], [0], "cpu"), negative, NegativeKV(), PARAMS, forward=broken_forward)
-    assert not module.to_q._forward_hooks and not module.to_out._forward_pre_hooks
+    assert not module.to_q._forward_hooks and not module.to_out[0]._forward_pre_hooks
+
+
+def _host_attention_core(self, x, context):
+    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+    return attention(q, k, v, self.heads)
+
+
+def sdp_shaped_forward(self, x, context=None, mask=None, **kwargs):
+    """Shaped like A1111's scaled_dot_product_attention_forward: it calls to_out[0], then to_out[1]."""
+    return self.to_out[1](self.to_out[0](_host_attention_core(self, x, context)))
+
+
+def sub_quad_shaped_forward(self, x, context=None, mask=None, **kwargs):
+    """Shaped like A1111's sub_quad_attention_forward: it unpacks to_out and calls its parts."""
+    out_proj, dropout = self.to_out
+    return dropout(out_proj(_host_attention_core(self, x, context)))
+
+
+def sequential_shaped_forward(self, x, context=None, mask=None, **kwargs):
+    """Shaped like A1111's xformers / Doggettx / InvokeAI forwards and sgm's: it calls to_out."""
+    return self.to_out(_host_attention_core(self, x, context))
+
+
+@pytest.mark.parametrize("forward", [sdp_shaped_forward, sub_quad_shaped_forward, sequential_shaped_forward])
+def test_every_host_attention_forward_shape_is_guided(forward, record_difference):
+    module = cross_attention()
+    x, context, negative = torch.randn(3, 16, 64), torch.randn(3, 77, 96), torch.randn(1, 77, 96)
+    positive = PositiveRows.of([0, 1], [0, 0], "cpu")
+    out = nag_cross_attention(module, x, context, positive, negative, NegativeKV(), PARAMS, forward=forward)
+    assert torch.equal(out[2], forward(module, x, context)[2])
+    expected = reference_guided_rows(module, x, context, [0, 1], [negative, negative], 5.0, 2.5, 0.25)
+    difference = (out[:2] - expected).abs().max().item()
+    record_difference(difference, forward.__name__)
+    assert difference <= 1e-5

@@ -98,7 +98,15 @@ def test_overrides_are_validated():
         DEFAULTS.with_overrides({"tau": 0})
 
 
-def test_infotext_round_trip_leaves_defaults_out():
+def host_round_trip(entries):
+    """Write entries as the host's create_infotext does, read them as parse_generation_parameters does."""
+    from modules import infotext_utils  # the A1111 stand-in (tests/a1111)
+
+    line = ", ".join(f"{key}: {infotext_utils.quote(value)}" for key, value in entries.items())
+    return infotext_utils.parse_generation_parameters(f"a cat\nNegative prompt: ugly\nSteps: 20, {line}")
+
+
+def test_infotext_writes_every_field_and_round_trips_through_the_host_format():
     entries = nag.to_infotext(SAMPLE)
     assert entries == {
         "NAG scale": 7.5,
@@ -109,10 +117,11 @@ def test_infotext_round_trip_leaves_defaults_out():
         "NAG negative prompt": 'blurry, lowres: "bad"\nhands',
         "NAG hires": "First pass only",
     }
-    assert list(nag.to_infotext(NagParams(enabled=True))) == ["NAG scale", "NAG tau", "NAG alpha"]
-    as_parsed = {key: str(value) for key, value in entries.items()}
-    assert nag.from_infotext(as_parsed) == SAMPLE
-    assert nag.from_infotext({"NAG scale": "5.0", "NAG tau": "2.5", "NAG alpha": "0.25"}) == NagParams(enabled=True)
+    assert nag.from_infotext(host_round_trip(entries)) == SAMPLE
+    plain = NagParams(enabled=True)
+    assert nag.to_infotext(plain)["NAG negative prompt"] == '""'  # the host's reader drops empty values
+    assert nag.from_infotext(host_round_trip(nag.to_infotext(plain))) == plain
+    assert nag.from_infotext({"NAG scale": "5.0", "NAG tau": "2.5"}) == plain  # missing keys: defaults
 
 
 def test_infotext_without_nag_keys_turns_nag_off():

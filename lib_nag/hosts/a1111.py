@@ -66,10 +66,22 @@ def image_rows(denoiser: Any, cond_rows: int) -> tuple[list[int], list[list[floa
     return [image for image, conds in enumerate(batch) for _ in conds], [[c.weight for c in conds] for conds in batch]
 
 
+def only_the_host_reads_uncond(denoiser: Any) -> bool:
+    """No other extension replaced ``combine_denoised`` (Neutral Prompt, Prep-Neg, …) or reads
+    the denoiser's rows in a ``cfg_denoised`` callback."""
+    from modules import script_callbacks
+
+    combine = getattr(type(denoiser), "combine_denoised", None)
+    if "combine_denoised" in vars(denoiser) or getattr(combine, "__module__", "") != "modules.sd_samplers_cfg_denoiser":
+        return False
+    return not script_callbacks.callback_map.get("callbacks_cfg_denoised")
+
+
 def uncond_is_unused(denoiser: Any, weights: list[list[float]]) -> bool:
-    """At CFG 1 with each image's cond weights summing to 1, ``combine_denoised`` gives
-    ``u + Σw(c−u) = Σw·c``: the uncond rows cannot change the image. Not for edit models (their
-    uncond carries the image CFG), nor when the sampler reads the uncond noise (DDIM CFG++)."""
+    """At CFG 1 with each image's cond weights summing to 1, the host's ``combine_denoised``
+    gives ``u + Σw(c−u) = Σw·c``: the uncond rows cannot change the image. Not for edit models
+    (their uncond carries the image CFG), nor when the sampler reads the uncond noise (DDIM
+    CFG++), nor when another extension reads the uncond rows."""
     from modules import shared
 
     extra = denoiser.sampler.sampler_extra_args
@@ -77,7 +89,8 @@ def uncond_is_unused(denoiser: Any, weights: list[list[float]]) -> bool:
     image_cfg = getattr(denoiser, "image_cfg_scale", None)
     is_edit = getattr(shared.sd_model, "cond_stage_key", None) == "edit" and image_cfg is not None and image_cfg != 1.0
     reads_uncond_noise = getattr(denoiser, "need_last_noise_uncond", False)
-    return cond_scale == 1.0 and webui.weights_sum_to_one(weights) and not is_edit and not reads_uncond_noise
+    unused = cond_scale == 1.0 and webui.weights_sum_to_one(weights) and not is_edit and not reads_uncond_noise
+    return unused and only_the_host_reads_uncond(denoiser)
 
 
 class StepLayout:
@@ -128,8 +141,7 @@ class A1111Pass(webui.NagPass):
         self.inner_models = []
         self.layout = self.current = None
 
-    def on_step(self, params: Any, active: bool) -> None:
-        denoiser = params.denoiser
+    def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
         image_of_row, weights = image_rows(denoiser, params.text_cond.shape[0])
         self.layout = StepLayout(params.x, image_of_row, active, uncond_is_unused(denoiser, weights))
         self.wrap_inner_model(denoiser.inner_model)

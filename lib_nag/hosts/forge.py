@@ -27,7 +27,7 @@ Replace = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tenso
 
 
 def host_attention() -> Callable[..., torch.Tensor]:
-    """The host's attention function, looked up at call time (its module picks it at import)."""
+    """The host's attention function (its module picks it at import)."""
     if find_spec("backend") is not None:
         from backend import attention  # Forge 2, Neo
 
@@ -64,7 +64,15 @@ class ForgePass(webui.NagPass):
     def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
         self.active = False
         self.patched: list[tuple[Any, Any, Any]] = []  # (sd_model, our clone, the patcher it replaced)
+        self.attention = host_attention()
+        self.rows: dict[tuple, PositiveRows | None] = {}  # per (cond_or_uncond, rows, device)
         super().__init__(job, report)
+
+    def positive(self, cond_or_uncond: list[int], q: torch.Tensor) -> PositiveRows | None:
+        key = (tuple(cond_or_uncond), q.shape[0], q.device)
+        if key not in self.rows:
+            self.rows[key] = positive_chunks(cond_or_uncond, q.shape[0], q.device)
+        return self.rows[key]
 
     def hook(self, sd_model: Any) -> bool:
         original = sd_model.forge_objects.unet
@@ -97,20 +105,20 @@ class ForgePass(webui.NagPass):
                 sd_model.forge_objects.unet = original
         self.patched = []
 
-    def on_step(self, params: Any, active: bool) -> None:
+    def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
         self.active = active
 
     def replace_for(self, module: torch.nn.Module, previous: Replace | None) -> Replace:
         def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
             heads = extra_options["n_heads"]
             if previous is None:
-                attention = host_attention()
+                attention = self.attention
             else:
 
                 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, _heads: int) -> torch.Tensor:
                     return previous(q, k, v, extra_options)
 
-            positive = positive_chunks(extra_options["cond_or_uncond"], q.shape[0], q.device) if self.active else None
+            positive = self.positive(extra_options["cond_or_uncond"], q) if self.active else None
             if positive is None or self.negative is None:
                 return attention(q, k, v, heads)
             k_negative, v_negative = self.kv.get(module, self.negative, like=q)

@@ -63,6 +63,8 @@ def build(script: Any) -> list[Any]:
             elem_id=script.elem_id("hires_mode"),
         )
     preset.change(fn=preset_values, inputs=[preset], outputs=[controls[name] for name in PRESET_FIELDS])
-    script.infotext_fields = [(controls[name], webui.paste_reader(name)) for name in ARG_ORDER]
-    script.paste_field_names = [label(name) for name in ARG_ORDER if name != "enabled"]
+    # Values paste by their infotext keys (which "Send to" also matches); NAG is on only if the
+    # pasted parameters carry it.
+    script.infotext_fields = [(controls["enabled"], webui.infotext_has_nag)] + [(controls[n], label(n)) for n in ARG_ORDER[1:]]
+    script.paste_field_names = [label(name) for name in ARG_ORDER[1:]]
     return [controls[name] for name in ARG_ORDER]

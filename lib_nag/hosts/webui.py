@@ -5,7 +5,7 @@ A1111, Forge, reForge and Neo)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,18 +39,9 @@ def write_infotext(p: Any, params: NagParams | None) -> None:
     p.extra_generation_params = {**kept, **(nag_params.to_infotext(params) if params else {})}
 
 
-def paste_reader(name: str) -> Callable[[dict], Any]:
-    """An infotext paste field: the value for ``name`` when the infotext has NAG keys (missing
-    keys read as defaults), ``None`` (leave the control as it is) when it has none."""
-
-    def read(entries: dict) -> Any:
-        if name == "enabled":
-            return nag_params.label("scale") in entries
-        if nag_params.label("scale") not in entries:
-            return None
-        return getattr(nag_params.from_infotext(entries), name)
-
-    return read
+def infotext_has_nag(entries: dict) -> bool:
+    """The enable control's paste field: on when the pasted parameters carry NAG, off otherwise."""
+    return nag_params.label("scale") in entries
 
 
 @dataclass
@@ -177,6 +168,10 @@ def attn2_modules(unet: torch.nn.Module | None) -> list[tuple[str, torch.nn.Modu
     return [(name, module) for name, module in unet.named_modules() if name.endswith(".attn2")]
 
 
+def checkpoint(sd_model: Any) -> Any:
+    return getattr(sd_model, "sd_checkpoint_info", None)
+
+
 def calls_per_step(denoiser: Any) -> int:
     config = getattr(getattr(denoiser, "sampler", None), "config", None)
     return 2 if config is not None and config.options.get("second_order", False) else 1
@@ -199,8 +194,13 @@ class NagPass:
         self.negative_key: tuple[int, ...] | None = None
         self.hooked = False
         self.model = shared.sd_model
+        self.checkpoint = checkpoint(self.model)
         self.schedules = job.negative.encode(job.p, self.params, self.is_hires)
-        self.hooked = self.hook(self.model)
+        try:
+            self.hooked = self.hook(self.model)
+        except BaseException:
+            self.unhook()
+            raise
         script_callbacks.on_cfg_denoiser(self.on_cfg_denoiser)
 
     def hook(self, sd_model: Any) -> bool:
@@ -210,7 +210,7 @@ class NagPass:
     def unhook(self) -> None:
         raise NotImplementedError
 
-    def on_step(self, params: Any, active: bool) -> None:
+    def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
         """Read one denoiser call (``params`` is the host's ``CFGDenoiserParams``)."""
         raise NotImplementedError
 
@@ -218,6 +218,9 @@ class NagPass:
         from modules import script_callbacks
 
         script_callbacks.remove_callbacks_for_function(self.on_cfg_denoiser)
+        # A1111 1.9.0 keeps a sorted copy that it only rebuilds when the count changes; the next
+        # pass's callback would restore the count and revive this one.
+        getattr(script_callbacks, "ordered_callbacks_map", {}).pop("cfg_denoiser", None)
         self.unhook()
         self.hooked = False
         self.negative = None
@@ -225,10 +228,11 @@ class NagPass:
     def on_cfg_denoiser(self, params: Any) -> None:
         from modules import shared
 
-        denoiser = params.denoiser
+        # CFGDenoiserParams.denoiser came with A1111 1.8; before it, the sampler holds the denoiser.
+        denoiser = getattr(params, "denoiser", None) or getattr(getattr(self.job.p, "sampler", None), "model_wrap_cfg", None)
         if denoiser is None or getattr(denoiser, "p", None) is not self.job.p:
             return
-        if shared.sd_model is not self.model:
+        if shared.sd_model is not self.model or checkpoint(shared.sd_model) is not self.checkpoint:
             self.follow_model_switch(shared.sd_model)
         step, steps = sampler_step(denoiser.step, denoiser.total_steps, calls_per_step(denoiser))
         window = guided_steps(steps, self.params.start, self.params.end)
@@ -240,7 +244,7 @@ class NagPass:
         elif self.hooked and step >= window.stop:
             self.unhook()  # past the end step: the host's own attention runs untouched
             self.hooked = False
-        self.on_step(params, active)
+        self.on_step(params, denoiser, active)
 
     def set_negative(self, denoiser_step: int) -> None:
         from modules import prompt_parser
@@ -253,10 +257,12 @@ class NagPass:
             self.negative_key = key
 
     def follow_model_switch(self, sd_model: Any) -> None:
-        """A refiner switch replaced the model mid-pass: move NAG onto its UNet, with the NAG
-        negative encoded by the new model."""
+        """A refiner switch replaced the model mid-pass (or, with the same architecture, loaded
+        new weights into it): move NAG onto its UNet, with the NAG negative encoded by the new
+        model."""
         self.unhook()
         self.model = sd_model
+        self.checkpoint = checkpoint(sd_model)
         self.schedules = self.job.negative.encode(self.job.p, self.params, self.is_hires)
         self.negative = self.negative_key = None
         self.kv = NegativeKV()
@@ -289,7 +295,7 @@ class NagJob:
             finally:
                 self.end_pass()
 
-        self.p.sample = sample
+        self.p.sample = self.guard = sample
 
     def start_pass(self) -> None:
         from modules import shared
@@ -302,9 +308,14 @@ class NagJob:
             return
         self.report.model = model_family(shared.sd_model)
         report.skipped = self.host.unsupported_reason(shared.sd_model)
-        if not report.skipped:
-            self.pass_ = self.host.pass_class(self, report)
+        if report.skipped:
+            return
+        self.pass_ = self.host.pass_class(self, report)
+        if self.pass_.hooked:
             write_infotext(self.p, self.params)  # NAG runs: the image parameters say so
+        else:
+            report.skipped = "no cross-attention layer could be hooked"
+            self.end_pass()
 
     def end_pass(self) -> None:
         if self.pass_ is not None:
@@ -313,7 +324,7 @@ class NagJob:
 
     def close(self) -> None:
         self.end_pass()
-        if self.p.__dict__.get("sample") is not None:
+        if self.p.__dict__.get("sample") is self.guard:
             del self.p.sample
 
 

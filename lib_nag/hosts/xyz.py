@@ -26,7 +26,7 @@ def xyz_module() -> Any:
 
 
 def apply(p: Any, value: Any, _values: list, *, name: str) -> None:
-    webui.set_xyz_override(p, name, value == "True" if name == "enabled" else value)
+    webui.set_xyz_override(p, name, str(value).strip().lower() == "true" if name == "enabled" else value)
 
 
 def confirm(_p: Any, values: list, *, name: str) -> None:
