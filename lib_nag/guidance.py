@@ -35,9 +35,9 @@ def nag_combine(
     positive = z_positive.float()
     negative = z_negative.float()
     guided = positive * scale - negative * (scale - 1.0)
-    norm_positive = positive.abs().sum(dim=-1, keepdim=True)
-    norm_guided = guided.abs().sum(dim=-1, keepdim=True)
+    norm_positive = torch.linalg.vector_norm(positive, ord=1, dim=-1, keepdim=True)
+    norm_guided = torch.linalg.vector_norm(guided, ord=1, dim=-1, keepdim=True)
     # min(r, τ)/r == min(1, τ·‖Z⁺‖₁/‖Z̃‖₁); written this way a zero ‖Z̃‖₁ cannot divide by zero.
     shrink = (tau * norm_positive / norm_guided.clamp_min(_TINY)).clamp_max(1.0)
-    blended = guided * (shrink * alpha) + positive * (1.0 - alpha)
+    blended = guided.mul_(shrink * alpha).add_(positive, alpha=1.0 - alpha)
     return blended.to(z_positive.dtype)
