@@ -47,26 +47,53 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     return out.transpose(1, 2).reshape(batch, tokens, q.shape[-1])
 
 
+def _span(indices: list[int]) -> slice | None:
+    """``indices`` as a slice when they are consecutive (the usual layouts), so rows are views."""
+    if indices and indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return None
+
+
 @dataclass(frozen=True)
 class PositiveRows:
     """Rows of one attention call that carry a positive prompt.
 
     ``rows[i]`` is a row of the call's batch; ``negative_index[i]`` is the row of the
-    NAG-negative context that row is guided away from.
+    NAG-negative context that row is guided away from. Consecutive indices are kept as slices,
+    so the usual layouts read and write rows as views instead of gathered copies.
     """
 
     rows: torch.Tensor
     negative_index: torch.Tensor
+    row_span: slice | None = None
+    negative_span: slice | None = None
 
     @classmethod
     def of(cls, rows: list[int], negative_index: list[int], device: torch.device | str) -> PositiveRows:
         return cls(
             torch.tensor(rows, dtype=torch.long, device=device),
             torch.tensor(negative_index, dtype=torch.long, device=device),
+            _span(rows),
+            _span(negative_index),
         )
 
     def __len__(self) -> int:
         return self.rows.numel()
+
+    def take(self, batch: torch.Tensor) -> torch.Tensor:
+        """The positive rows of ``batch`` (a view when they are consecutive)."""
+        return batch[self.row_span] if self.row_span else batch.index_select(0, self.rows)
+
+    def put(self, batch: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Write ``rows`` into the positive rows of ``batch``, in place."""
+        if self.row_span:
+            batch[self.row_span] = rows
+            return batch
+        return batch.index_copy_(0, self.rows, rows)
+
+    def negatives(self, negative: torch.Tensor) -> torch.Tensor:
+        """The NAG-negative row of each positive row."""
+        return negative[self.negative_span] if self.negative_span else negative[self.negative_index]
 
 
 def _version(t: torch.Tensor) -> int:
@@ -118,16 +145,14 @@ def guide_rows(
     heads: int,
     params: NagParams,
 ) -> torch.Tensor:
-    """Return ``z`` (pre-out-projection, all rows) with the positive rows NAG-guided.
+    """Guide the positive rows of ``z`` (pre-out-projection, all rows) in place and return it.
 
     ``q_positive`` holds the positive rows' queries; the negative branch attends with them
-    over the K⁻/V⁻ row each one is mapped to. Other rows are copied untouched.
+    over the K⁻/V⁻ row each one is mapped to. Other rows are left untouched.
     """
-    index = positive.negative_index
-    z_negative = attention(q_positive, k_negative[index], v_negative[index], heads)
-    z_positive = z.index_select(0, positive.rows)
-    guided = nag_combine(z_positive, z_negative, params.scale, params.tau, params.alpha)
-    return z.index_copy(0, positive.rows, guided)
+    z_negative = attention(q_positive, positive.negatives(k_negative), positive.negatives(v_negative), heads)
+    guided = nag_combine(positive.take(z), z_negative, params.scale, params.tau, params.alpha)
+    return positive.put(z, guided)
 
 
 def out_projection(module: torch.nn.Module) -> torch.nn.Module:
@@ -162,7 +187,8 @@ def nag_cross_attention(
     queries: list[torch.Tensor] = []
 
     def keep_positive_queries(_module: torch.nn.Module, _args: tuple, q: torch.Tensor) -> None:
-        queries.append(q.index_select(0, positive.rows))
+        # A copy: the host's forward owns q and may reuse its memory.
+        queries.append(q[positive.row_span].clone() if positive.row_span else q.index_select(0, positive.rows))
 
     def guide_before_out_projection(_module: torch.nn.Module, args: tuple) -> tuple:
         (z, *rest) = args
@@ -197,4 +223,4 @@ def nag_attention(
     z = host_attention(q, k, v, heads)
     if positive is None or len(positive) == 0:
         return z
-    return guide_rows(z, q.index_select(0, positive.rows), positive, k_negative, v_negative, heads, params)
+    return guide_rows(z, positive.take(q), positive, k_negative, v_negative, heads, params)
