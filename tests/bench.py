@@ -42,7 +42,7 @@ from ldm.modules.diffusionmodules.util import linear  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
-from lib_nag.attention import NegativeKV, PositiveRows, nag_cross_attention  # noqa: E402
+from lib_nag.attention import NegativeKV, PositiveRows, attention, nag_cross_attention  # noqa: E402
 from lib_nag.guidance import nag_combine  # noqa: E402
 from lib_nag.params import NagParams  # noqa: E402
 
@@ -209,45 +209,31 @@ def count_params(unet: nn.Module) -> int:
 # --- host attention ----------------------------------------------------------------------------
 
 
+def _sdp_core(self: CrossAttention, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    context = x if context is None else context
+    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+    return attention(q, k, v, self.heads).to(q.dtype)
+
+
 def sdp_forward(
     self: CrossAttention, x: torch.Tensor, context: torch.Tensor | None = None, mask: Any = None, **kwargs: Any
 ) -> torch.Tensor:
-    """A1111's ``scaled_dot_product_attention_forward`` (no hypernetworks, no mask), ending in
-    ``self.to_out(out)`` as A1111's xformers/Doggettx/InvokeAI forwards do."""
-    batch, heads = x.shape[0], self.heads
-    q = self.to_q(x)
-    context = x if context is None else context
-    k, v = self.to_k(context), self.to_v(context)
-    head_dim = q.shape[-1] // heads
-    q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-    out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
-    return self.to_out(out)
+    """Behaves like A1111's xformers, Doggettx and InvokeAI forwards: attention, then ``self.to_out``."""
+    return self.to_out(_sdp_core(self, x, context))
 
 
 def a1111_sdp_forward(
     self: CrossAttention, x: torch.Tensor, context: torch.Tensor | None = None, mask: Any = None, **kwargs: Any
 ) -> torch.Tensor:
-    """A1111 1.10's ``scaled_dot_product_attention_forward`` verbatim (hypernetworks aside): it calls
-    ``self.to_out[0]`` and ``self.to_out[1]`` one by one, not ``self.to_out``."""
-    batch, _, inner = x.shape
-    heads = self.heads
-    q_in = self.to_q(x)
-    context = x if context is None else context
-    k_in, v_in = self.to_k(context), self.to_v(context)
-    head_dim = inner // heads
-    q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q_in, k_in, v_in))
-    dtype = q.dtype
-    hidden = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
-    hidden = hidden.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(dtype)
-    hidden = self.to_out[0](hidden)
-    return self.to_out[1](hidden)
+    """Behaves like A1111 1.10's scaled_dot_product_attention_forward (hypernetworks aside): SDPA,
+    then ``self.to_out[0]`` and ``self.to_out[1]`` called one by one, not ``self.to_out``."""
+    return self.to_out[1](self.to_out[0](_sdp_core(self, x, context)))
 
 
 HOST_ATTENTION = {"a1111-sdp": a1111_sdp_forward, "sdp": sdp_forward, "ldm": CrossAttention.forward}
 HOST_ATTENTION_TEXT = {
-    "a1111-sdp": "A1111 1.10's scaled_dot_product_attention_forward verbatim, hypernetworks aside: it calls to_out[0] then to_out[1]",
-    "sdp": "the same, ending in self.to_out(out) as A1111's xformers/Doggettx/InvokeAI forwards do",
+    "a1111-sdp": "SDPA shaped like A1111 1.10's scaled_dot_product_attention_forward: it calls to_out[0], then to_out[1]",
+    "sdp": "SDPA ending in self.to_out(out), as A1111's xformers/Doggettx/InvokeAI forwards do",
     "ldm": "ldm's stock einsum CrossAttention.forward",
 }
 
