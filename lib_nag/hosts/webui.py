@@ -102,8 +102,10 @@ def negative_texts(p: Any, params: NagParams, is_hires: bool) -> list[str]:
     return [text] * len(images)
 
 
-def total_steps(sd_samplers: Any, sampler_name: str | None, steps: int) -> int:
+def total_steps(sampler_name: str | None, steps: int) -> int:
     """Denoiser calls for ``steps`` of a sampler, as the host counts them for prompt schedules."""
+    from modules import sd_samplers
+
     config = sd_samplers.find_sampler_config(sampler_name)
     return config.total_steps(steps) if config else steps
 
@@ -117,13 +119,13 @@ class NegativeConditioning:
         self._caches = {False: [None, None], True: [None, None]}
 
     def encode(self, p: Any, params: NagParams, is_hires: bool) -> list:
-        from modules import prompt_parser, sd_samplers
+        from modules import prompt_parser
 
         texts = negative_texts(p, params, is_hires)
         # The host's own schedule steps: first-pass total steps, plus the hires total in the hires pass.
-        first_pass_steps = total_steps(sd_samplers, p.sampler_name, p.steps)
+        first_pass_steps = total_steps(p.sampler_name, p.steps)
         if is_hires:
-            hires_steps = total_steps(sd_samplers, getattr(p, "hr_sampler_name", None) or p.sampler_name, p.hr_second_pass_steps or p.steps)
+            hires_steps = total_steps(getattr(p, "hr_sampler_name", None) or p.sampler_name, p.hr_second_pass_steps or p.steps)
             width, height, networks = p.hr_upscale_to_x, p.hr_upscale_to_y, p.hr_extra_network_data
         else:
             hires_steps, width, height, networks = None, p.width, p.height, p.extra_network_data
