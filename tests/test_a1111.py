@@ -496,3 +496,14 @@ def test_a1111_1_9_0_stale_sorted_callbacks_do_not_revive_a_closed_pass(spy, mon
     first = len(spy.calls)
     run(job(spy, steps=2))
     assert len(spy.calls) == 2 * first
+
+
+def test_hires_checkpoint_change_moves_nag_to_the_hires_model(spy):
+    base, hires_model = make_sd_model("sd1"), make_sd_model("sd2")
+    sd_models.register(hires_model)
+    load(base)
+    fields = {"enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 2, "denoising_strength": 0.6, "steps": 2}
+    run(job(spy, hr_checkpoint_name=hires_model.sd_checkpoint_info.title, **fields))
+    hires_modules = {id(m) for _n, m in a1111.webui.attn2_modules(hires_model.model.diffusion_model)}
+    widths = {(id(module) in hires_modules, negative.shape[-1]) for module, *_rest, negative in spy.calls}
+    assert widths == {(False, 768), (True, 1024)}  # each pass with its model's UNet and text encoder
