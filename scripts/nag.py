@@ -33,8 +33,8 @@ class NagScript(scripts.Script):
             HOST.start_pass(p)
 
     def postprocess(self, p, processed, *args):
-        HOST.end_job()
+        HOST.end_job(p)
 
 
 script_callbacks.on_before_ui(xyz.register_axes)
-script_callbacks.on_script_unloaded(HOST.end_job)
+script_callbacks.on_script_unloaded(HOST.unload)

@@ -59,7 +59,7 @@ def spy(monkeypatch):
 
 
 def assert_nothing_left(spy):
-    assert HOST.job is None
+    assert HOST.sampling is None
     assert all("forward" not in module.__dict__ for module in spy.wrapped)
     ours = {"a1111.py", "webui.py"}
     for callbacks in script_callbacks.callback_map.values():
@@ -383,7 +383,6 @@ def test_bad_api_arguments_fail_the_request_naming_the_field_and_the_next_works(
         run(api_job(spy, args))
     status, body = api.handle_exception(raised.value)
     assert status == 500 and body["error"] == "NagParamError"
-    assert HOST.job is None
     assert "NAG scale: 5.0" in run(api_job(spy, [True])).infotexts[0]
 
 
@@ -457,12 +456,20 @@ def test_xyz_axes_are_registered_once_per_ui_build(spy):
     assert module.axis_options[1].choices() == ["False", "True"]
 
 
-def test_script_unload_ends_a_job_left_running(spy):
-    p = job(spy)
-    HOST.start_job(p, tuple(NAG_ON))
-    assert HOST.job is not None
-    script_callbacks.script_unloaded_callback()
-    assert HOST.job is None and "sample" not in p.__dict__
+def test_script_unload_mid_sampling_ends_the_job(spy):
+    steps = []
+
+    def unload_at_step_1(params):
+        steps.append(params.denoiser.step)
+        if params.denoiser.step == 1:
+            script_callbacks.script_unloaded_callback()
+
+    script_callbacks.on_cfg_denoiser(unload_at_step_1)
+    p = job(spy, steps=3)
+    run(p)
+    layers = len(a1111.webui.attn2_modules(shared.sd_model.model.diffusion_model))
+    assert steps == [0, 1, 2] and len(spy.calls) == layers  # guided at step 0 only
+    assert "sample" not in p.__dict__ and "nag_job" not in p.__dict__
 
 
 def test_hires_only_without_hires_writes_no_infotext(spy, capsys):
@@ -507,3 +514,26 @@ def test_hires_checkpoint_change_moves_nag_to_the_hires_model(spy):
     hires_modules = {id(m) for _n, m in a1111.webui.attn2_modules(hires_model.model.diffusion_model)}
     widths = {(id(module) in hires_modules, negative.shape[-1]) for module, *_rest, negative in spy.calls}
     assert widths == {(False, 768), (True, 1024)}  # each pass with its model's UNet and text encoder
+
+
+def test_img2img_inpaint_guides_the_positive_rows(spy):
+    mask = torch.zeros(8, 8)  # latent resolution, 1 where the image is regenerated
+    mask[2:6, 2:6] = 1
+    fields = {"prompt": ["a red hat", "a blue hat"], "negative_prompt": ["ugly", "bad"], "batch_size": 2}
+    processed = run(job(spy, kind=img2img, init_latent=torch.randn(2, 4, 8, 8), mask=mask, denoising_strength=0.75, **fields))
+    check_rows(spy, [["a red hat"], ["a blue hat"]], ["ugly", "bad"], ["ugly", "bad"])
+    assert "NAG scale: 5.0" in processed.infotexts[0]
+
+
+def test_a_job_failing_before_sampling_leaves_nothing(spy, monkeypatch):
+    from modules import processing
+
+    def broken_init(self, *args):
+        raise RuntimeError("VAE not loaded")
+
+    working_init = processing.StableDiffusionProcessingTxt2Img.init
+    monkeypatch.setattr(processing.StableDiffusionProcessingTxt2Img, "init", broken_init)
+    with pytest.raises(RuntimeError, match="VAE not loaded"):
+        run(job(spy))
+    monkeypatch.setattr(processing.StableDiffusionProcessingTxt2Img, "init", working_init)
+    assert "NAG scale: 5.0" in run(job(spy, steps=1)).infotexts[0]

@@ -17,6 +17,7 @@ from ..params import NagParamError, NagParams
 from ..schedule import guided_steps, sampler_step
 
 XYZ_ATTRIBUTE = "nag_xyz"
+JOB_ATTRIBUTE = "nag_job"
 CONSOLE_PREFIX = "[NAG]"
 
 
@@ -272,7 +273,8 @@ class NagPass:
 
 
 class NagJob:
-    """One job (one ``p``) with NAG enabled."""
+    """One job (one ``p``) with NAG enabled. It lives on ``p`` (``p.nag_job``): nothing global
+    refers to it outside sampling, so a job that fails before or after sampling leaves nothing."""
 
     def __init__(self, host: NagHost, p: Any, params: NagParams) -> None:
         self.host = host
@@ -281,6 +283,7 @@ class NagJob:
         self.negative = host.negative
         self.report = JobReport()
         self.pass_: NagPass | None = None
+        setattr(p, JOB_ATTRIBUTE, self)
         self.guard_sampling()
 
     def guard_sampling(self) -> None:
@@ -289,13 +292,15 @@ class NagJob:
         original = self.p.sample
 
         def sample(*args: Any, **kwargs: Any) -> Any:
+            self.host.sampling = self
             try:
                 return original(*args, **kwargs)
             except BaseException:
-                self.host.end_job()
+                self.end()
                 raise
             finally:
                 self.end_pass()
+                self.host.sampling = None
 
         self.p.sample = self.guard = sample
 
@@ -324,21 +329,28 @@ class NagJob:
             self.pass_.close()
             self.pass_ = None
 
-    def close(self) -> None:
+    def end(self, report: bool = True) -> None:
+        """Undo everything this job installed, and print its console line."""
+        from modules import shared
+
         self.end_pass()
         if self.p.__dict__.get("sample") is self.guard:
             del self.p.sample
+        self.p.__dict__.pop(JOB_ATTRIBUTE, None)
+        if not shared.opts.persistent_cond_cache:
+            self.negative.forget()
+        if report:
+            print(self.report.line())
 
 
 class NagHost:
-    """The extension's state in one WebUI process: at most one job at a time (the WebUI runs
-    one job at a time)."""
+    """The extension's state in one WebUI process."""
 
     name = ""
     pass_class: type[NagPass]
 
     def __init__(self) -> None:
-        self.job: NagJob | None = None
+        self.sampling: NagJob | None = None  # the job inside ``p.sample`` now, if any
         self.negative = NegativeConditioning()
 
     def unet(self, sd_model: Any) -> torch.nn.Module | None:
@@ -348,7 +360,6 @@ class NagHost:
         return unsupported_reason(sd_model, len(attn2_modules(self.unet(sd_model))))
 
     def start_job(self, p: Any, args: tuple) -> None:
-        self.end_job(report=False)  # whatever a previous job left
         try:
             params = job_params(p, args)
         except NagParamError as error:
@@ -357,20 +368,19 @@ class NagHost:
             return
         write_infotext(p, None)
         if params.enabled:
-            self.job = NagJob(self, p, params)
+            NagJob(self, p, params)
 
     def start_pass(self, p: Any) -> None:
-        if self.job is not None and self.job.p is p:
-            self.job.start_pass()
+        job = getattr(p, JOB_ATTRIBUTE, None)
+        if job is not None:
+            job.start_pass()
 
-    def end_job(self, report: bool = True) -> None:
-        from modules import shared
+    def end_job(self, p: Any) -> None:
+        job = getattr(p, JOB_ATTRIBUTE, None)
+        if job is not None:
+            job.end()
 
-        job, self.job = self.job, None
-        if job is None:
-            return
-        job.close()
-        if not shared.opts.persistent_cond_cache:
-            self.negative.forget()
-        if report:
-            print(job.report.line())
+    def unload(self) -> None:
+        """The script is being unloaded (UI reload): stop a job that is sampling."""
+        if self.sampling is not None:
+            self.sampling.end(report=False)
