@@ -59,7 +59,7 @@ def spy(monkeypatch):
 
 
 def assert_nothing_left(spy):
-    assert HOST.sampling is None
+    assert HOST.live is None
     assert all("forward" not in module.__dict__ for module in spy.wrapped)
     ours = {"a1111.py", "webui.py"}
     for callbacks in script_callbacks.callback_map.values():
@@ -537,3 +537,24 @@ def test_a_job_failing_before_sampling_leaves_nothing(spy, monkeypatch):
         run(job(spy))
     monkeypatch.setattr(processing.StableDiffusionProcessingTxt2Img, "init", working_init)
     assert "NAG scale: 5.0" in run(job(spy, steps=1)).infotexts[0]
+
+
+def test_pre_1_10_hooks_left_by_a_job_failing_before_sampling_go_at_the_next_job(spy, monkeypatch):
+    """Before 1.10 the pass starts in process_batch, outside p.sample; no host hook runs after a
+    failure in between, so the next job's start undoes it."""
+    from modules import processing
+
+    monkeypatch.delattr(scripts.Script, "process_before_every_sampling")
+    monkeypatch.setattr(scripts.ScriptRunner, "process_before_every_sampling", lambda self, p, **kwargs: None)
+    spy.script_class = load_script_module("nag_old.py").NagScript
+    working = processing.StableDiffusionProcessingTxt2Img.setup_conds
+
+    def broken(self):
+        raise RuntimeError("bad prompt")
+
+    monkeypatch.setattr(processing.StableDiffusionProcessingTxt2Img, "setup_conds", broken)
+    with pytest.raises(RuntimeError, match="bad prompt"):
+        run(job(spy))
+    assert HOST.live is not None
+    monkeypatch.setattr(processing.StableDiffusionProcessingTxt2Img, "setup_conds", working)
+    run(job(spy, steps=1))

@@ -273,8 +273,8 @@ class NagPass:
 
 
 class NagJob:
-    """One job (one ``p``) with NAG enabled. It lives on ``p`` (``p.nag_job``): nothing global
-    refers to it outside sampling, so a job that fails before or after sampling leaves nothing."""
+    """One job (one ``p``) with NAG enabled. It lives on ``p`` (``p.nag_job``); the host refers to
+    it only while one of its passes has hooks installed."""
 
     def __init__(self, host: NagHost, p: Any, params: NagParams) -> None:
         self.host = host
@@ -292,7 +292,6 @@ class NagJob:
         original = self.p.sample
 
         def sample(*args: Any, **kwargs: Any) -> Any:
-            self.host.sampling = self
             try:
                 return original(*args, **kwargs)
             except BaseException:
@@ -300,7 +299,6 @@ class NagJob:
                 raise
             finally:
                 self.end_pass()
-                self.host.sampling = None
 
         self.p.sample = self.guard = sample
 
@@ -318,6 +316,7 @@ class NagJob:
         if report.skipped:
             return
         self.pass_ = self.host.pass_class(self, report)
+        self.host.live = self
         if self.pass_.hooked:
             write_infotext(self.p, self.params)  # NAG runs: the image parameters say so
         else:
@@ -328,6 +327,8 @@ class NagJob:
         if self.pass_ is not None:
             self.pass_.close()
             self.pass_ = None
+        if self.host.live is self:
+            self.host.live = None
 
     def end(self, report: bool = True) -> None:
         """Undo everything this job installed, and print its console line."""
@@ -350,7 +351,7 @@ class NagHost:
     pass_class: type[NagPass]
 
     def __init__(self) -> None:
-        self.sampling: NagJob | None = None  # the job inside ``p.sample`` now, if any
+        self.live: NagJob | None = None  # the job whose pass has hooks installed now, if any
         self.negative = NegativeConditioning()
 
     def unet(self, sd_model: Any) -> torch.nn.Module | None:
@@ -360,6 +361,8 @@ class NagHost:
         return unsupported_reason(sd_model, len(attn2_modules(self.unet(sd_model))))
 
     def start_job(self, p: Any, args: tuple) -> None:
+        if self.live is not None:  # a pass installed outside p.sample (A1111 < 1.10) by a job that then failed
+            self.live.end(report=False)
         try:
             params = job_params(p, args)
         except NagParamError as error:
@@ -381,6 +384,6 @@ class NagHost:
             job.end()
 
     def unload(self) -> None:
-        """The script is being unloaded (UI reload): stop a job that is sampling."""
-        if self.sampling is not None:
-            self.sampling.end(report=False)
+        """The script is being unloaded (UI reload): undo the live job's hooks."""
+        if self.live is not None:
+            self.live.end(report=False)
