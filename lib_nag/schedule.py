@@ -23,8 +23,3 @@ def sampler_step(call_index: int, total_calls: int, calls_per_step: int) -> tupl
     same decision.
     """
     return call_index // calls_per_step, max(1, -(-total_calls // calls_per_step))
-
-
-def is_guided(step: int, steps: int, start: float, end: float) -> bool:
-    """Whether sampler step ``step`` of ``steps`` lies in the window."""
-    return step in guided_steps(steps, start, end)
