@@ -101,22 +101,47 @@ def _reject_unknown(keys: Mapping[str, Any]) -> None:
 
 
 def from_dict(values: Mapping[str, Any]) -> NagParams:
-    """Build from an API dict such as ``{"enabled": true, "scale": 5}``; unknown keys are rejected."""
-    return DEFAULTS.with_overrides(values)
+    """Build from named values (an API dict such as ``{"enabled": true, "scale": 5}``, an argument
+    list by name, XYZ overrides).
+
+    Only ``enabled`` true turns NAG on; otherwise nothing else is read or validated, so whatever a
+    host fills in for a request that leaves NAG out (``None`` for an empty Gradio 4 textbox,
+    another extension's misaligned arguments) reads as off. On an enabled NAG, a ``None`` value
+    takes the field's default, and unknown keys and wrong values fail, naming the field."""
+    if values.get("enabled") is not True:
+        return DEFAULTS
+    _reject_unknown(values)
+    return DEFAULTS.with_overrides({name: value for name, value in values.items() if value is not None})
 
 
 def to_dict(params: NagParams) -> dict[str, Any]:
     return asdict(params)
 
 
-def from_args(args: Sequence[Any]) -> NagParams:
-    """Build from the script's argument list: the positional ``ARG_ORDER`` list (a shorter
-    list keeps the defaults for the rest), or a single dict element in first place."""
+def named_args(args: Sequence[Any]) -> dict[str, Any]:
+    """The script's argument list by name: a single dict element in first place, or the positional
+    ``ARG_ORDER`` list (a shorter list leaves the rest missing). Values are not checked here."""
     if args and isinstance(args[0], Mapping):
-        return from_dict(args[0])
-    if len(args) > len(ARG_ORDER):
+        return dict(args[0])
+    if len(args) > len(ARG_ORDER) and args[0] is True:
         raise NagParamError(f"NAG takes at most {len(ARG_ORDER)} arguments ({', '.join(ARG_ORDER)}), got {len(args)}")
-    return from_dict(dict(zip(ARG_ORDER[: len(args)], args, strict=True)))
+    return dict(zip(ARG_ORDER, args, strict=False))  # a longer list: the rest is not NAG's
+
+
+def from_args(args: Sequence[Any], overrides: Mapping[str, Any] | None = None) -> NagParams:
+    """Build from the script's argument list (see ``named_args``), then ``overrides`` (XYZ cells)."""
+    return from_dict({**named_args(args), **(overrides or {})})
+
+
+def ignored_enabled(values: Mapping[str, Any]) -> str:
+    """Why an ``enabled`` that is neither a boolean nor missing left NAG off ("" when it is either)."""
+    value = values.get("enabled")
+    if value is None or isinstance(value, bool):
+        return ""
+    return (
+        f"off: {label('enabled')} (enabled) is {value!r}, not true or false "
+        "(the request's NAG arguments, or another extension's misaligned ones); nothing else was read"
+    )
 
 
 def to_args(params: NagParams) -> list[Any]:

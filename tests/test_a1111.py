@@ -375,7 +375,7 @@ def test_api_dict_and_list_arguments(spy):
         ([{"enabled": True, "sclae": 5}], "sclae"),
         ([True, float("nan")], r"\(scale\)"),
         ([True, 5, 0.5], r"\(tau\)"),
-        (["yes"], r"\(enabled\)"),
+        ([True, 5, 2.5, 0.25, 0, 1, 3], r"\(negative_prompt\)"),
     ],
 )
 def test_bad_api_arguments_fail_the_request_naming_the_field_and_the_next_works(spy, args, field):

@@ -27,17 +27,63 @@ def test_defaults():
         ("alpha", 1.5, r"\(alpha\)"),
         ("start", -0.01, r"NAG start \(start\)"),
         ("end", 1.01, r"NAG end \(end\)"),
-        ("enabled", "true", r"NAG enabled \(enabled\) must be true or false, got 'true'"),
-        ("enabled", 1, r"\(enabled\)"),
         ("negative_prompt", 3, r"NAG negative prompt \(negative_prompt\) must be text"),
         ("hires_mode", "sometimes", r"NAG hires \(hires_mode\) must be one of Both passes, First pass only, Hires pass only"),
     ],
 )
 def test_wrong_values_name_the_field_and_range(field, value, message):
     with pytest.raises(NagParamError, match=message):
-        NagParams(**{field: value})
-    with pytest.raises(NagParamError, match=message):
-        nag.from_dict({field: value})
+        NagParams(enabled=True, **{field: value})
+    if value is not None:  # a missing value on an enabled NAG takes the default (below)
+        with pytest.raises(NagParamError, match=message):
+            nag.from_dict({"enabled": True, field: value})
+
+
+def test_enabled_must_be_a_boolean_in_the_model():
+    for value in ("true", 1, None):
+        with pytest.raises(NagParamError, match=rf"NAG enabled \(enabled\) must be true or false, got {value!r}"):
+            NagParams(enabled=value)
+
+
+GARBAGE = {"scale": "high", "tau": None, "alpha": math.nan, "start": 2, "end": -1, "negative_prompt": 3, "hires_mode": "x", "zz": 1}
+
+
+@pytest.mark.parametrize("enabled", [False, None, "true", "yes", 1, 0, 2.5, [], {}])
+def test_anything_but_enabled_true_reads_as_off_and_reads_nothing_else(enabled):
+    """A host fills left-out arguments from UI defaults (None for an empty Gradio 4 textbox), and
+    another extension's misaligned arguments can land in NAG's slots: none of it may fail a job."""
+    assert nag.from_dict({"enabled": enabled, **GARBAGE}) == DEFAULTS
+    assert nag.from_args([enabled, *GARBAGE.values()]) == DEFAULTS  # a longer list than NAG's 8
+    assert nag.from_args([{"enabled": enabled, **GARBAGE}]) == DEFAULTS
+    assert nag.from_args([enabled]) == DEFAULTS
+    noted = nag.ignored_enabled({"enabled": enabled})
+    assert bool(noted) == (enabled is not None and not isinstance(enabled, bool))
+    if noted:
+        assert noted.startswith(f"off: NAG enabled (enabled) is {enabled!r}, not true or false")
+
+
+def test_nothing_and_none_everywhere_read_as_off():
+    assert nag.from_args([]) == DEFAULTS
+    assert nag.from_args([None] * 8) == DEFAULTS
+    assert nag.from_dict({}) == DEFAULTS
+
+
+@pytest.mark.parametrize("position", range(1, 8))
+def test_a_missing_value_on_an_enabled_nag_takes_the_default(position):
+    args = [True, 7.0, 3.0, 0.5, 0.1, 0.9, "glasses", "First pass only"]
+    args[position] = None
+    name = nag.ARG_ORDER[position]
+    expected = NagParams(**{**dict(zip(nag.ARG_ORDER, args, strict=True)), name: getattr(DEFAULTS, name)})
+    assert nag.from_args(args) == expected
+    assert nag.from_args([dict(zip(nag.ARG_ORDER, args, strict=True))]) == expected
+    assert nag.from_args([{"enabled": True, name: None}]) == NagParams(enabled=True)
+
+
+def test_overrides_come_after_the_arguments():
+    assert nag.from_args([False, 9.0], {"enabled": True}) == NagParams(enabled=True, scale=9.0)
+    assert nag.from_args([True, "bad"], {"enabled": False}) == DEFAULTS
+    with pytest.raises(NagParamError, match=r"\(scale\)"):
+        nag.from_args([False, "bad"], {"enabled": True})
 
 
 def test_start_must_be_below_end():
@@ -46,7 +92,7 @@ def test_start_must_be_below_end():
     assert NagParams(start=0.0, end=0.01).end == 0.01
 
 
-def test_integers_are_accepted_and_stored_as_floats():
+def test_integers_are_accepted_and_stored_as_floats():  # JSON and Gradio 4 sliders give ints
     params = nag.from_dict({"enabled": True, "scale": 5, "tau": 2, "alpha": 0, "end": 1})
     assert params.scale == 5.0 and isinstance(params.scale, float) and isinstance(params.alpha, float)
 
@@ -75,9 +121,10 @@ def test_argument_list_round_trip():
     assert nag.from_args([]) == DEFAULTS
 
 
-def test_argument_list_too_long_is_rejected():
+def test_argument_list_too_long_is_rejected_when_enabled():
     with pytest.raises(NagParamError, match="at most 8 arguments"):
         nag.from_args([*nag.to_args(SAMPLE), "extra"])
+    assert nag.from_args([False, *nag.to_args(SAMPLE)[1:], "extra"]) == DEFAULTS
 
 
 def test_dict_round_trip_and_single_dict_argument():
@@ -87,9 +134,9 @@ def test_dict_round_trip_and_single_dict_argument():
     assert params == NagParams(enabled=True, scale=5.0, negative_prompt="glasses")
 
 
-def test_unknown_dict_keys_are_rejected():
+def test_unknown_dict_keys_are_rejected_when_enabled():
     with pytest.raises(NagParamError, match=r"unknown NAG argument\(s\) sclae, z; known: enabled, scale"):
-        nag.from_dict({"sclae": 5, "z": 1})
+        nag.from_dict({"enabled": True, "sclae": 5, "z": 1})
 
 
 def test_overrides_are_validated():

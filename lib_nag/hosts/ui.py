@@ -7,14 +7,39 @@ from typing import Any
 from ..params import ARG_ORDER, DEFAULTS, HIRES_MODES, NUMBER_RANGES, PRESETS, PRESETS_BY_NAME, label
 from . import webui
 
-SLIDER_STEPS = {"scale": 0.1, "tau": 0.05, "alpha": 0.01, "start": 0.01, "end": 0.01}
+# Each step divides every preset's value, so a slider shows the preset exactly (0.125 needs 0.005).
+SLIDER_STEPS = {"scale": 0.1, "tau": 0.05, "alpha": 0.005, "start": 0.01, "end": 0.01}
 PRESET_FIELDS = ("scale", "tau", "alpha", "start", "end")
+CUSTOM = "Custom"  # the preset dropdown's name for numbers that match no preset
 
 
-def preset_values(name: str) -> list[float]:
-    """The numbers a preset fills in, in ``PRESET_FIELDS`` order."""
+def preset_values(name: str) -> list[Any]:
+    """The numbers a preset fills in, in ``PRESET_FIELDS`` order; "Custom" changes nothing."""
+    if name not in PRESETS_BY_NAME:
+        import gradio as gr
+
+        return [gr.update() for _ in PRESET_FIELDS]
     preset = PRESETS_BY_NAME[name].apply(DEFAULTS)
     return [getattr(preset, field) for field in PRESET_FIELDS]
+
+
+def _matches(name: str, values: tuple[float, ...]) -> bool:
+    numbers = preset_values(name)
+    return all(abs(float(a) - b) < 1e-9 for a, b in zip(values, numbers, strict=True))
+
+
+def preset_name(current: str, *values: float) -> Any:
+    """The preset dropdown after the numbers changed (a preset picked, a paste, "Send to", a slider
+    moved): kept while its preset still matches (two presets may share numbers), else the first
+    matching preset, else "Custom". Unchanged is returned as a no-op update, so nothing loops."""
+    import gradio as gr
+
+    if None in values:
+        return gr.update()
+    if current in PRESETS_BY_NAME and _matches(current, values):
+        return gr.update()
+    name = next((preset.name for preset in PRESETS if _matches(preset.name, values)), CUSTOM)
+    return gr.update() if name == current else name
 
 
 def slider(script: Any, name: str) -> Any:
@@ -40,12 +65,13 @@ def build(script: Any) -> list[Any]:
     with InputAccordion(False, label="NAG", elem_id=script.elem_id("enabled")) as controls["enabled"]:
         preset = gr.Dropdown(
             label="NAG preset",
-            choices=[p.name for p in PRESETS],
+            choices=[p.name for p in PRESETS] + [CUSTOM],
             value=PRESETS[0].name,
             elem_id=script.elem_id("preset"),
         )
         controls["negative_prompt"] = gr.Textbox(
             label=label("negative_prompt"),
+            value="",  # Gradio 4's default is None, which its API and paste would hand on
             lines=2,
             placeholder="Empty: the main negative prompt",
             elem_id=script.elem_id("negative_prompt"),
@@ -62,7 +88,10 @@ def build(script: Any) -> list[Any]:
             value=DEFAULTS.hires_mode,
             elem_id=script.elem_id("hires_mode"),
         )
-    preset.change(fn=preset_values, inputs=[preset], outputs=[controls[name] for name in PRESET_FIELDS])
+    numbers = [controls[name] for name in PRESET_FIELDS]
+    preset.change(fn=preset_values, inputs=[preset], outputs=numbers)
+    for number in numbers:
+        number.change(fn=preset_name, inputs=[preset, *numbers], outputs=[preset])
     # Values paste by their infotext keys (which "Send to" also matches); NAG is on only if the
     # pasted parameters carry it.
     script.infotext_fields = [(controls["enabled"], webui.infotext_has_nag)] + [(controls[n], label(n)) for n in ARG_ORDER[1:]]

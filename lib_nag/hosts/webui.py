@@ -21,10 +21,10 @@ JOB_ATTRIBUTE = "nag_job"
 CONSOLE_PREFIX = "[NAG]"
 
 
-def job_params(p: Any, args: Sequence[Any]) -> NagParams:
-    """The job's NAG settings: the script's arguments (UI, API list or API dict), then any
-    XYZ-plot overrides the cell's ``p`` carries."""
-    return nag_params.from_args(args).with_overrides(getattr(p, XYZ_ATTRIBUTE, {}))
+def job_values(p: Any, args: Sequence[Any]) -> dict[str, Any]:
+    """The job's NAG settings by name, unchecked: the script's arguments (UI, API list or API
+    dict), then any XYZ-plot overrides the cell's ``p`` carries."""
+    return {**nag_params.named_args(args), **getattr(p, XYZ_ATTRIBUTE, {})}
 
 
 def set_xyz_override(p: Any, name: str, value: Any) -> None:
@@ -364,11 +364,14 @@ class NagHost:
         if self.live is not None:  # a pass installed outside p.sample (A1111 < 1.10) by a job that then failed
             self.live.end(report=False)
         try:
-            params = job_params(p, args)
+            values = job_values(p, args)
+            params = nag_params.from_dict(values)
         except NagParamError as error:
             print(JobReport(error=str(error)).line())
             raise_on_sampling(p, error)
             return
+        if note := nag_params.ignored_enabled(values):
+            print(f"{CONSOLE_PREFIX} {note}")
         write_infotext(p, None)
         if params.enabled:
             NagJob(self, p, params)

@@ -50,6 +50,25 @@ def script_runner(*scripts_and_args: tuple[scripts.Script, list], is_img2img: bo
     return runner, script_args
 
 
+def ui_runner(*all_scripts: scripts.Script, is_img2img: bool = False) -> scripts.ScriptRunner:
+    """A ScriptRunner with these scripts (alwayson or selectable, by their ``show``), its UI built as
+    the host builds it (``setup_ui`` inside ``gr.Blocks()``): ``args_from``/``args_to`` and ``inputs``
+    (index 0: the selectable-script dropdown) as in the WebUI."""
+    import gradio as gr
+
+    runner = scripts.ScriptRunner()
+    for script in all_scripts:
+        script.filename = script.filename or f"/extensions/test/scripts/{type(script).__name__.lower()}.py"
+        script.is_txt2img, script.is_img2img = not is_img2img, is_img2img
+        script.tabname = "img2img" if is_img2img else "txt2img"
+        script.alwayson = script.show(is_img2img) is scripts.AlwaysVisible
+        runner.scripts.append(script)
+        (runner.alwayson_scripts if script.alwayson else runner.selectable_scripts).append(script)
+    with gr.Blocks():
+        runner.setup_ui()
+    return runner
+
+
 JOB_DEFAULTS = {
     "prompt": "a photo of a cat",
     "negative_prompt": "blurry",

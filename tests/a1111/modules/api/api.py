@@ -49,12 +49,19 @@ class Api:
     """Mirrors api.Api (v1.10.1), reduced to the script-argument helpers."""
 
     def init_default_script_args(self, script_runner):
-        """Mirrors Api.init_default_script_args (v1.10.1): None, 0 at index 0, the controls' values (the host re-runs ui())."""
+        """Mirrors Api.init_default_script_args (v1.10.1; Forge's is the same): None everywhere, 0 at
+        index 0, then, inside ``gr.Blocks()``, each script's ``ui()`` called again (twice) and the new
+        components' ``.value`` slice-assigned over ``[args_from:args_to]``. A ``ui()`` that now returns
+        a different number of components grows or shrinks the list, shifting every later script's
+        arguments."""
+        import gradio as gr
+
         script_args = [None] * max([1, *[s.args_to for s in script_runner.scripts]])
         script_args[0] = 0
-        for script in script_runner.scripts:
-            if script.controls:
-                script_args[script.args_from : script.args_to] = [control.value for control in script.controls]
+        with gr.Blocks():
+            for script in script_runner.scripts:
+                if script.ui(script.is_img2img):
+                    script_args[script.args_from : script.args_to] = [elem.value for elem in script.ui(script.is_img2img)]
         return script_args
 
     def get_script(self, script_name, script_runner):
