@@ -1,14 +1,16 @@
 """The NAG cross-attention, shared by every host.
 
-The host computes its own attention for every row; NAG then replaces the pre-out-projection
-output of the positive rows only. Rows that are not positive therefore keep exactly what the
-host computes, and the positive rows' ``Z⁺`` is the host's own attention output.
+Whatever computes a cross-attention module's attention (the host's forward, another extension's
+instance ``forward`` such as Regional Prompter's or ControlNet IP-Adapter's, a Forge replace patch)
+calls the module's ``to_q`` and out-projection as modules. NAG hooks those two (``CrossAttentionNag``):
+a forward hook on ``to_q`` keeps the positive rows' queries, and a pre-hook on the out-projection
+replaces the positive rows' output before it with the guided one. So NAG chains to whatever is
+installed, in any order: ``Z⁺`` is what that code computes before the out-projection, rows that are
+not positive keep exactly its output, and nothing NAG did not install is ever replaced or removed.
 
-- A1111 (``nag_cross_attention``): the host's attention forward runs unchanged; a hook on
-  ``to_q`` keeps the positive rows' queries and a pre-hook on the out-projection guides them.
-- Forge family (``nag_attention``): the attn2 replace patch gets projected q/k/v and returns
-  the output before ``to_out``, so the host attention function runs and the same
-  ``guide_rows`` follows.
+The host says which rows of each attention call are positive (``begin_call``), from its batch
+layout; the hooks then also follow code that runs the attention on row slices of the call (Regional
+Prompter's cond/uncond halves, several times per call for its regions).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,32 @@ class PositiveRows:
         """The NAG-negative row of each positive row."""
         return negative[self.negative_span] if self.negative_span else negative[self.negative_index]
 
+    def within(self, first: int, count: int) -> PositiveRows | None:
+        """The positive rows among rows ``first … first+count−1``, numbered from ``first``."""
+        rows, negatives = self.rows.tolist(), self.negative_index.tolist()
+        kept = [(r - first, n) for r, n in zip(rows, negatives, strict=True) if first <= r < first + count]
+        if not kept:
+            return None
+        if first == 0 and len(kept) == len(rows):
+            return self
+        return PositiveRows.of([r for r, _ in kept], [n for _, n in kept], self.rows.device)
+
+    def repeated(self, times: int, period: int) -> PositiveRows:
+        """The same rows in each of ``times`` consecutive copies of a ``period``-row batch (the
+        tile-major batches of tiled-diffusion extensions)."""
+        rows, negatives = self.rows.tolist(), self.negative_index.tolist()
+        return PositiveRows.of([t * period + r for t in range(times) for r in rows], negatives * times, self.rows.device)
+
+
+def row_offset(x: torch.Tensor, base: torch.Tensor) -> int | None:
+    """The first row of ``base`` that ``x`` starts at, if ``x`` is a row slice (a view) of ``base``."""
+    if x.dim() != base.dim() or x.shape[1:] != base.shape[1:] or x.stride() != base.stride() or x.shape[0] > base.shape[0]:
+        return None
+    if x.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+        return None
+    rows, remainder = divmod(x.storage_offset() - base.storage_offset(), base.stride(0))
+    return rows if remainder == 0 and 0 <= rows <= base.shape[0] - x.shape[0] else None
+
 
 def _version(t: torch.Tensor) -> int:
     # Inference-mode tensors keep no version counter; their identity still counts.
@@ -161,66 +189,86 @@ def out_projection(module: torch.nn.Module) -> torch.nn.Module:
     return module.to_out[0] if isinstance(module.to_out, torch.nn.Sequential) else module.to_out
 
 
-def nag_cross_attention(
-    module: torch.nn.Module,
-    x: torch.Tensor,
-    context: torch.Tensor | None,
-    positive: PositiveRows | None,
-    negative_context: torch.Tensor,
-    negative_kv: NegativeKV,
-    params: NagParams,
-    forward: Callable[..., torch.Tensor] | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """Run an attention module with NAG on its positive rows.
+@dataclass
+class _Call:
+    """The attention call running now: its input rows and which of them are positive."""
 
-    ``forward`` is the host's forward for the module's class (default: ``type(module).forward``,
-    resolved now so a change of attention optimization is honoured). Rows outside
-    ``positive`` get exactly that forward's output; positive rows get
-    ``to_out(NAG(attention(q, K⁺, V⁺), attention(q, K⁻, V⁻)))`` where the first attention is
-    the host's own and ``q`` its own query projection, computed once.
-    """
-    forward = forward or type(module).forward
-    if positive is None or len(positive) == 0:
-        return forward(module, x, context=context, **kwargs)
+    x: torch.Tensor
+    positive: PositiveRows
 
-    queries: list[torch.Tensor] = []
 
-    def keep_positive_queries(_module: torch.nn.Module, _args: tuple, q: torch.Tensor) -> None:
-        # A copy: the host's forward owns q and may reuse its memory.
-        queries.append(q[positive.row_span].clone() if positive.row_span else q.index_select(0, positive.rows))
+@dataclass
+class _Queries:
+    """A ``to_q`` output waiting for its out-projection: the positive rows among the rows it was
+    computed for, and their queries."""
 
-    def guide_before_out_projection(_module: torch.nn.Module, args: tuple) -> tuple:
+    rows: int
+    positive: PositiveRows
+    q: torch.Tensor
+
+
+class CrossAttentionNag:
+    """NAG on a set of cross-attention modules, through hooks on their ``to_q`` and out-projection
+    (see the module docstring). ``negative`` is the NAG-negative context, one row per image;
+    ``guided_calls`` counts the attention calls in which NAG guided at least one output, and
+    ``missed_calls`` those with positive rows that no hooked projection ever saw (the code that ran
+    the attention gave ``to_q`` rows that are not a slice of the call's)."""
+
+    def __init__(self, params: NagParams, negative_kv: NegativeKV) -> None:
+        self.params = params
+        self.kv = negative_kv
+        self.negative: torch.Tensor | None = None
+        self.guided_calls = 0
+        self.missed_calls = 0
+        self._call: _Call | None = None
+        self._call_guided = False
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def install(self, modules: list[torch.nn.Module]) -> None:
+        for module in modules:
+            waiting: list[_Queries] = []  # this module's latest positive queries, one at most
+            self._handles.append(module.to_q.register_forward_hook(partial(self._keep_queries, waiting)))
+            self._handles.append(out_projection(module).register_forward_pre_hook(partial(self._guide, module, waiting)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.end_call()
+
+    def begin_call(self, x: torch.Tensor, positive: PositiveRows | None) -> None:
+        """An attention call over ``x`` starts; guide its ``positive`` rows (None: none)."""
+        self.end_call()
+        self._call = _Call(x, positive) if positive is not None and len(positive) else None
+        self._call_guided = False
+
+    def end_call(self) -> None:
+        if self._call is not None and not self._call_guided:
+            self.missed_calls += 1
+        self._call = None
+
+    def _keep_queries(self, waiting: list[_Queries], _linear: torch.nn.Module, args: tuple, q: torch.Tensor) -> None:
+        waiting.clear()
+        call = self._call
+        if call is None or self.negative is None or not args:
+            return
+        offset = row_offset(args[0], call.x)  # the whole call, or a row slice of it
+        positive = None if offset is None else call.positive.within(offset, args[0].shape[0])
+        if positive is not None:
+            # A copy: the attention code owns q and may reuse its memory.
+            queries = q[positive.row_span].clone() if positive.row_span else q.index_select(0, positive.rows)
+            waiting.append(_Queries(q.shape[0], positive, queries))
+
+    def _guide(self, module: torch.nn.Module, waiting: list[_Queries], _linear: torch.nn.Module, args: tuple) -> tuple | None:
+        if not waiting:
+            return None
+        queries = waiting.pop()
         (z, *rest) = args
-        k_negative, v_negative = negative_kv.get(module, negative_context, like=z)
-        return (guide_rows(z, queries.pop(), positive, k_negative, v_negative, module.heads, params), *rest)
-
-    query_hook = module.to_q.register_forward_hook(keep_positive_queries)
-    out_hook = out_projection(module).register_forward_pre_hook(guide_before_out_projection)
-    try:
-        return forward(module, x, context=context, **kwargs)
-    finally:
-        query_hook.remove()
-        out_hook.remove()
-
-
-def nag_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    heads: int,
-    positive: PositiveRows | None,
-    k_negative: torch.Tensor,
-    v_negative: torch.Tensor,
-    params: NagParams,
-    host_attention: AttentionFunction = attention,
-) -> torch.Tensor:
-    """The same NAG in the shape of an attn2 replace: projected q/k/v in, pre-``to_out`` out.
-
-    ``host_attention(q, k, v, heads)`` computes every row as the host would; the positive
-    rows are then guided exactly as in ``nag_cross_attention``.
-    """
-    z = host_attention(q, k, v, heads)
-    if positive is None or len(positive) == 0:
-        return z
-    return guide_rows(z, positive.take(q), positive, k_negative, v_negative, heads, params)
+        if z.dim() != 3 or z.shape[0] != queries.rows:
+            return None
+        k_negative, v_negative = self.kv.get(module, self.negative, like=z)
+        guided = guide_rows(z, queries.q, queries.positive, k_negative, v_negative, module.heads, self.params)
+        if not self._call_guided:
+            self._call_guided = True
+            self.guided_calls += 1
+        return (guided, *rest)

@@ -5,8 +5,9 @@ Run from the repository root: ``python tests/bench.py --help``. The UNets are th
 architectures (no checkpoint is loaded; the weights are random). Variants, for B images:
 
 - (a) NAG off: one UNet call over 2B rows (cond, uncond), the CFG batch.
-- (b) NAG as this project does it: the same call, every attn2 wrapped (instance ``forward``)
-  by ``lib_nag.attention.nag_cross_attention``, a warm ``NegativeKV`` cache.
+- (b) NAG as this project does it: the same call, every attn2 hooked by
+  ``lib_nag.attention.CrossAttentionNag`` (``to_q`` hook, out-projection pre-hook, and an attn2
+  pre-hook announcing the cond rows, as the A1111 host does), a warm ``NegativeKV`` cache.
 - (c) NAG done naively: each attn2 runs its stock forward on all rows and again on the cond
   rows with the NAG-negative context, and ``nag_combine`` mixes the post-out-projection outputs.
 - (d) an extra UNet pass for the NAG negative: one call over 3B rows (cond, uncond, negative).
@@ -42,7 +43,7 @@ from ldm.modules.diffusionmodules.util import linear  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
-from lib_nag.attention import NegativeKV, PositiveRows, attention, nag_cross_attention  # noqa: E402
+from lib_nag.attention import CrossAttentionNag, NegativeKV, PositiveRows, attention  # noqa: E402
 from lib_nag.guidance import nag_combine  # noqa: E402
 from lib_nag.params import NagParams  # noqa: E402
 
@@ -363,7 +364,7 @@ class Variant:
     context: torch.Tensor
     y: torch.Tensor | None
     wrap: Callable[[nn.Module], Callable[..., torch.Tensor]] | None = None
-    uses_cache: bool = False
+    uses_cache: bool = False  # NAG as this project does it, with its K⁻/V⁻ cache
 
     @property
     def rows(self) -> int:
@@ -427,19 +428,28 @@ class ModelBench:
             c3 = cat(*(F.pad(c, (0, 0, 0, longest - c.shape[1]), mode="replicate") for c in (cond, uncond, self.negative)))
         return {
             "a": Variant("a", x2, t2, c2, y2),
-            "b": Variant("b", x2, t2, c2, y2, wrap=self._nag_forward, uses_cache=True),
+            "b": Variant("b", x2, t2, c2, y2, uses_cache=True),
             "c": Variant("c", x2, t2, c2, y2, wrap=self._naive_forward),
             "d": Variant("d", cat(latents, latents, latents), cat(timesteps, timesteps, timesteps), c3, cat(y_cond, y_uncond, y_negative)),
-            "e": Variant("e", latents, timesteps, cond, y_cond, wrap=self._nag_forward, uses_cache=True),
+            "e": Variant("e", latents, timesteps, cond, y_cond, uses_cache=True),
         }
 
-    def _nag_forward(self, module: nn.Module) -> Callable[..., torch.Tensor]:
-        positive, negative, kv = self.positive, self.negative, self.negative_kv
+    @contextlib.contextmanager
+    def nag_hooks(self) -> Iterator[None]:
+        nag = CrossAttentionNag(NAG_PARAMS, self.negative_kv)
+        nag.negative = self.negative
+        nag.install(self.attn2)
 
-        def forward(x: torch.Tensor, context: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-            return nag_cross_attention(module, x, context, positive, negative, kv, NAG_PARAMS, **kwargs)
+        def begin(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            nag.begin_call(args[0] if args else kwargs["x"], self.positive)
 
-        return forward
+        handles = [module.register_forward_pre_hook(begin, with_kwargs=True) for module in self.attn2]
+        try:
+            yield
+        finally:
+            nag.remove()
+            for handle in handles:
+                handle.remove()
 
     def _naive_forward(self, module: nn.Module) -> Callable[..., torch.Tensor]:
         positive, negative = self.positive, self.negative
@@ -461,7 +471,7 @@ class ModelBench:
             for module in self.attn2:
                 module.forward = variant.wrap(module)
         try:
-            with host_attention(self.attention):
+            with host_attention(self.attention), self.nag_hooks() if variant.uses_cache else contextlib.nullcontext():
                 yield
         finally:
             if variant.wrap is not None:

@@ -29,23 +29,38 @@ def load_script_module(name="nag.py"):
 
 
 class Spy:
-    """Records every NAG application and every module this extension wrapped."""
+    """Records every cross-attention call NAG guides (module, input shape, context, positive rows,
+    their NAG-negative rows, the NAG negative) and every module a pass hooked."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        self.wrapped = []
-        real_nag, real_wrap = a1111.nag_cross_attention, a1111.wrap_forward
+        self.hooked = []
+        real_begin, real_hook, real_inner = a1111.A1111Pass.begin_attention, a1111.A1111Pass.hook, a1111.A1111Pass.hook_inner_model
 
-        def nag(module, x, context, positive, negative, kv, params, **kwargs):
-            self.calls.append((module, x.shape, context, positive.rows.tolist(), positive.negative_index.tolist(), negative))
-            return real_nag(module, x, context, positive, negative, kv, params, **kwargs)
+        def begin(nag_pass, module, args, kwargs):
+            real_begin(nag_pass, module, args, kwargs)
+            call = nag_pass.nag._call
+            if call is not None:
+                context = kwargs.get("context", args[1] if len(args) > 1 else None)
+                rows, negative_index = call.positive.rows.tolist(), call.positive.negative_index.tolist()
+                self.calls.append((module, call.x.shape, context, rows, negative_index, nag_pass.negative))
 
-        def wrap(module, forward):
-            self.wrapped.append(module)
-            real_wrap(module, forward)
+        def hook(nag_pass, sd_model):
+            hooked = real_hook(nag_pass, sd_model)
+            unet = a1111.A1111Host.unet(sd_model)
+            self.hooked += [unet, *unet.modules()]
+            return hooked
 
-        monkeypatch.setattr(a1111, "nag_cross_attention", nag)
-        monkeypatch.setattr(a1111, "wrap_forward", wrap)
+        def hook_inner(nag_pass, inner):
+            self.hooked.append(inner)
+            real_inner(nag_pass, inner)
+
+        monkeypatch.setattr(a1111.A1111Pass, "begin_attention", begin)
+        monkeypatch.setattr(a1111.A1111Pass, "hook", hook)
+        monkeypatch.setattr(a1111.A1111Pass, "hook_inner_model", hook_inner)
+
+    def attn2_hooked(self):
+        return any(m.to_q._forward_hooks for m in self.hooked if hasattr(m, "to_q"))
 
 
 @pytest.fixture
@@ -60,7 +75,8 @@ def spy(monkeypatch):
 
 def assert_nothing_left(spy):
     assert HOST.live is None
-    assert all("forward" not in module.__dict__ for module in spy.wrapped)
+    for module in spy.hooked:
+        assert not module._forward_hooks and not module._forward_pre_hooks and "forward" not in vars(module)
     ours = {"a1111.py", "webui.py"}
     for callbacks in script_callbacks.callback_map.values():
         assert not [c for c in callbacks if Path(c.script).name in ours]
@@ -193,13 +209,13 @@ def test_window_counts_second_order_steps_once_and_unhooks_after_the_end(spy, ca
     args = [True, 5.0, 2.5, 0.25, 0.0, 0.5, "", "Both passes"]
     hooked_at_last_call = []
     script_callbacks.on_cfg_denoised(
-        lambda params: hooked_at_last_call.append(any("forward" in m.__dict__ for m in spy.wrapped if hasattr(m, "to_q")))
+        lambda params: hooked_at_last_call.append(spy.attn2_hooked())
     )
     run(job(spy, args, steps=4, sampler_name="Heun"))
     assert hooked_at_last_call[0] and not hooked_at_last_call[-1]  # the host's forwards run after the end step
     layers = len(a1111.webui.attn2_modules(shared.sd_model.model.diffusion_model))
     assert len(spy.calls) == 2 * 2 * layers  # steps 0 and 1, two denoiser calls each
-    assert "first pass 2/4 steps guided, 7 cross-attention layers hooked" in capsys.readouterr().out
+    assert "first pass 2/4 steps guided (28 cross-attention calls), 7 cross-attention layers hooked" in capsys.readouterr().out
 
 
 HIRES_MODES = [("Both passes", True, True), ("First pass only", True, False), ("Hires pass only", False, True)]
@@ -332,7 +348,7 @@ def test_sd3_is_skipped_with_a_console_line_and_no_infotext(spy, capsys):
 def test_console_line_per_job(spy, capsys):
     run(job(spy, steps=3, n_iter=2))
     out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[NAG]")]
-    assert out == ["[NAG] active on SD1: first pass 3/3 steps guided, 7 cross-attention layers hooked"]
+    assert out == ["[NAG] active on SD1: first pass 3/3 steps guided (42 cross-attention calls), 7 cross-attention layers hooked"]
 
 
 def test_pre_1_10_hooks_guide_both_passes(spy, monkeypatch):

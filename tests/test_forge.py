@@ -1,6 +1,6 @@
-"""The Forge-family replace path on real ldm modules, driven the way Forge's transformer block
-and sampling function drive it (tests/forge stands in for Forge's backend; Forge's ``modules``
-package is A1111's, stood in by tests/a1111)."""
+"""The Forge-family path on real ldm modules, driven the way Forge's transformer block and sampling
+function drive it (tests/forge stands in for Forge's backend; Forge's ``modules`` package is A1111's,
+stood in by tests/a1111)."""
 
 from types import SimpleNamespace
 
@@ -8,13 +8,14 @@ import pytest
 import torch
 from backend.attention import attention_function
 from backend.patcher.unet import UnetPatcher
-from forge_block import forge_attn2, run_unet_as_forge
+from forge_block import block_key, run_unet_as_forge
+from ldm.modules.attention import BasicTransformerBlock
 from modules import prompt_parser, script_callbacks, shared
+from reference import reference_guided_rows
 from unets import randomize_outputs, sd1_like_unet
 
-from lib_nag.attention import NegativeKV, PositiveRows, nag_cross_attention
 from lib_nag.hosts import forge
-from lib_nag.hosts.forge import ForgeHost, ForgePass, positive_chunks, replace_key
+from lib_nag.hosts.forge import ForgeHost, ForgePass, placeable, positive_chunks
 from lib_nag.hosts.webui import PassReport
 from lib_nag.params import NagParams
 
@@ -37,16 +38,26 @@ def negative_schedules(width=768, tokens=154):
     ]
 
 
+def new_pass(params=PARAMS, is_hires=False, schedules=None):
+    schedules = schedules or negative_schedules()
+    job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda p, params, is_hires: schedules))
+    return ForgePass(job, PassReport(is_hires=is_hires))
+
+
+def all_hooks_gone(unet):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
+
+
 @pytest.fixture
 def forge_pass():
     """A ForgePass on a tiny SD1-like UNet, with the job parts it reads."""
     shared.sd_model = forge_model(randomize_outputs(sd1_like_unet()))
-    schedules = negative_schedules()
-    job = SimpleNamespace(p=object(), params=PARAMS, negative=SimpleNamespace(encode=lambda p, params, is_hires: schedules))
-    nag_pass = ForgePass(job, PassReport(is_hires=False))
+    unet = shared.sd_model.forge_objects.unet.model.diffusion_model
+    nag_pass = new_pass()
     yield nag_pass
     nag_pass.close()
     assert not script_callbacks.callback_map["callbacks_cfg_denoiser"]
+    assert all_hooks_gone(unet)
 
 
 def denoiser_step(nag_pass, step, total=10):
@@ -56,62 +67,83 @@ def denoiser_step(nag_pass, step, total=10):
     script_callbacks.cfg_denoiser_callback(params)
 
 
-def test_keys_and_chunks():
-    assert replace_key("input_blocks.4.1.transformer_blocks.0.attn2") == ("input", 4, 0)
-    assert replace_key("middle_block.1.transformer_blocks.3.attn2") == ("middle", 0, 3)
-    assert replace_key("output_blocks.11.1.transformer_blocks.9.attn2") == ("output", 11, 9)
-    assert replace_key("input_blocks.4.1.attn2") is None
+def unet_call(cond_or_uncond, context=None, patcher=None):
+    """One UNet call with ``len(cond_or_uncond)`` chunks of IMAGES rows (the same latents in each)."""
+    patcher = patcher or shared.sd_model.forge_objects.unet
+    rows = len(cond_or_uncond) * IMAGES
+    torch.manual_seed(1)
+    x = torch.randn(IMAGES, 4, 8, 8).repeat(len(cond_or_uncond), 1, 1, 1)
+    context = torch.randn(rows, 77, 768) if context is None else context
+    options = {"cond_or_uncond": cond_or_uncond, "sigmas": torch.ones(IMAGES)}
+    return run_unet_as_forge(patcher, x, torch.full((rows,), 500), context, options), x, context
+
+
+def test_chunks_and_placement():
     rows = positive_chunks([1, 0, 0], 6, "cpu")
     assert rows.rows.tolist() == [2, 3, 4, 5] and rows.negative_index.tolist() == [0, 1, 0, 1]
     assert positive_chunks([1], 2, "cpu") is None
+    assert placeable(6, {"cond_or_uncond": [1, 0, 0], "sigmas": torch.ones(2)})
+    assert not placeable(7, {"cond_or_uncond": [1, 0, 0], "sigmas": torch.ones(2)})  # a pad row
+    assert not placeable(8, {"cond_or_uncond": [1, 0], "sigmas": torch.ones(2)})  # rows expanded per region
 
 
-def test_hook_clones_the_patcher_and_registers_every_block(forge_pass):
+def test_hook_clones_the_patcher_with_one_attn2_patch_and_hooks_every_attn2(forge_pass):
     patcher = shared.sd_model.forge_objects.unet
-    replaces = patcher.model_options["transformer_options"]["patches_replace"]["attn2"]
-    assert forge_pass.patched[0][2] is not patcher and not forge_pass.patched[0][2].model_options["transformer_options"]
-    unet = forge_pass.patched[0][2].model.diffusion_model
-    assert sorted(replaces) == sorted(replace_key(n) for n, _ in unet.named_modules() if n.endswith(".attn2"))
-    assert forge_pass.report.layers == 7
     original = forge_pass.patched[0][2]
+    assert patcher is not original and not original.model_options["transformer_options"]
+    assert [getattr(p, forge.NAG_PATCH) for p in patcher.model_options["transformer_options"]["patches"]["attn2_patch"]] == [True]
+    attn2 = [m for n, m in patcher.model.diffusion_model.named_modules() if n.endswith(".attn2")]
+    assert len(attn2) == forge_pass.report.layers == 7
+    assert all(m.to_q._forward_hooks and m.to_out[0]._forward_pre_hooks for m in attn2)
     forge_pass.close()
     assert shared.sd_model.forge_objects.unet is original
 
 
-@pytest.mark.parametrize("cond_or_uncond", [[1, 0], [0, 1], [0], [1], [0, 0, 1], [1, 0, 0]])
-def test_replace_guides_exactly_the_cond_chunks_like_the_a1111_path(forge_pass, cond_or_uncond, record_difference):
-    denoiser_step(forge_pass, 0)
-    patcher = shared.sd_model.forge_objects.unet
-    name, module = next((n, m) for n, m in patcher.model.diffusion_model.named_modules() if n.endswith(".attn2"))
-    key = replace_key(name)
-    rows = len(cond_or_uncond) * IMAGES
-    x, context = torch.randn(rows, 64, module.to_q.in_features), torch.randn(rows, 77, 768)
-    options = {**patcher.model_options["transformer_options"], "cond_or_uncond": cond_or_uncond, "sigmas": torch.full((IMAGES,), 7.0)}
-    out = forge_attn2(module, x, context, options, key[:2], key[2])
+def first_attn2_capture(patcher):
+    """The UNet's first attn2, and what a call of it received and returned (``seen``); call
+    ``seen["stop"]()`` to stop recording."""
+    module = next(m for n, m in patcher.model.diffusion_model.named_modules() if n.endswith(".attn2"))
+    seen = {}
 
-    stock_z = attention_function(module.to_q(x), module.to_k(context), module.to_v(context), module.heads)
-    stock = module.to_out(stock_z)
-    positive = positive_chunks(cond_or_uncond, rows, "cpu")
+    def before(_module, args, kwargs):
+        seen.setdefault("x", args[0] if args else kwargs["x"])
+
+    def after(_module, _args, out):
+        seen.setdefault("out", out)
+
+    handles = [module.register_forward_pre_hook(before, with_kwargs=True), module.register_forward_hook(after)]
+    return module, seen, lambda: [h.remove() for h in handles]
+
+
+@pytest.mark.parametrize("cond_or_uncond", [[1, 0], [0, 1], [0], [1], [0, 0, 1], [1, 0, 0]])
+def test_exactly_the_cond_chunks_are_guided(forge_pass, cond_or_uncond, record_difference):
+    denoiser_step(forge_pass, 0)
+    module, seen, stop = first_attn2_capture(shared.sd_model.forge_objects.unet)
+    _out, _x, context = unet_call(cond_or_uncond)
+    stop()
+    x, out = seen["x"], seen["out"]
+    stock = module.to_out(attention_function(module.to_q(x), module.to_k(context), module.to_v(context), module.heads))
+    positive = positive_chunks(cond_or_uncond, x.shape[0], "cpu")
     guided_rows = set() if positive is None else set(positive.rows.tolist())
-    for row in range(rows):
+    for row in range(x.shape[0]):
         if row not in guided_rows:
             assert torch.equal(out[row], stock[row])  # uncond chunks: the host's attention, bit for bit
     if positive is not None:
-        a1111 = nag_cross_attention(module, x, context, positive, forge_pass.negative, NegativeKV(), PARAMS)
-        difference = (out[positive.rows] - a1111[positive.rows]).abs().max().item()
+        negatives = [forge_pass.negative[i : i + 1] for i in positive.negative_index.tolist()]
+        expected = reference_guided_rows(module, x, context, positive.rows.tolist(), negatives, 5.0, 2.5, 0.25)
+        difference = (out[positive.rows] - expected).abs().max().item()
         record_difference(difference, str(cond_or_uncond))
         assert difference <= 1e-5
         assert (out[positive.rows] - stock[positive.rows]).abs().max() > 1e-3
 
 
-def test_separate_chunks_and_the_step_window(forge_pass):
-    patcher = shared.sd_model.forge_objects.unet
-    x = torch.randn(IMAGES, 4, 8, 8)
-    timesteps, context = torch.full((IMAGES,), 500), torch.randn(IMAGES, 77, 768)
-    stock = patcher.model.diffusion_model(x, timesteps, context=context)
+def test_separate_chunks_the_step_window_and_the_schedule(forge_pass):
+    unet = shared.sd_model.forge_objects.unet.model.diffusion_model
+    stock, x, context = unet_call([0])
+    stock = unet(x, torch.full((IMAGES,), 500), context=context)
     denoiser_step(forge_pass, 0)
-    uncond_call = run_unet_as_forge(patcher, x, timesteps, context, {"cond_or_uncond": [1], "sigmas": torch.ones(IMAGES)})
-    cond_call = run_unet_as_forge(patcher, x, timesteps, context, {"cond_or_uncond": [0], "sigmas": torch.ones(IMAGES)})
+    uncond_call, *_ = unet_call([1], context)
+    cond_call, *_ = unet_call([0], context)
     torch.testing.assert_close(uncond_call, stock, atol=1e-6, rtol=0)  # SDPA vs ldm's einsum: not bitwise
     assert (cond_call - stock).abs().max() > 1e-3
 
@@ -119,59 +151,62 @@ def test_separate_chunks_and_the_step_window(forge_pass):
     denoiser_step(forge_pass, 3)  # the [a:b:2] schedule moved on
     assert forge_pass.negative is not first_negative
     assert torch.equal(forge_pass.negative[1], forge_pass.schedules[1][1].cond)
-    second = run_unet_as_forge(patcher, x, timesteps, context, {"cond_or_uncond": [0], "sigmas": torch.ones(IMAGES)})
+    second, *_ = unet_call([0], context)
     assert not torch.equal(second, cond_call)
 
     forge_pass.params = NagParams(enabled=True, end=0.5)
-    denoiser_step(forge_pass, 5)  # past the end: the replaces pass through
-    after_end = run_unet_as_forge(patcher, x, timesteps, context, {"cond_or_uncond": [0], "sigmas": torch.ones(IMAGES)})
+    denoiser_step(forge_pass, 5)  # past the end: the hooks are gone
+    assert all_hooks_gone(unet)
+    after_end, *_ = unet_call([0], context)
     torch.testing.assert_close(after_end, stock, atol=1e-6, rtol=0)
-    assert forge_pass.report.guided == {0, 3}
+    forge_pass.close()
+    assert forge_pass.report.guided == {0, 3} and forge_pass.report.guided_calls == 14
 
 
 @pytest.mark.parametrize("key_size", [2, 3])
-def test_chains_to_a_replace_already_registered(key_size):
-    """IP-Adapter registers 2-tuple keys on SD1.5 and 3-tuple keys on SDXL; NAG's Z⁺ is its output."""
+def test_composes_with_an_attn2_replace(key_size):
+    """Forge's IP-Adapter registers attn2 replaces (2-tuple keys on SD1.5, 3-tuple on SDXL): the block
+    then never calls attn2's forward, yet NAG's Z⁺ is the replace's output."""
     unet = randomize_outputs(sd1_like_unet())
-    model = forge_model(unet)
+    shared.sd_model = forge_model(unet)
     calls = []
 
     def ip_adapter(q, k, v, extra_options):
         calls.append(extra_options["block"])
         return attention_function(q, k, v, extra_options["n_heads"]) * 1.5
 
-    for name, _ in unet.named_modules():
-        key = replace_key(name) if name.endswith(".attn2") else None
-        if key:
-            model.forge_objects.unet.set_model_attn2_replace(ip_adapter, *key[:key_size])
-    shared.sd_model = model
-    schedules = negative_schedules()
-    job = SimpleNamespace(p=object(), params=PARAMS, negative=SimpleNamespace(encode=lambda p, params, is_hires: schedules))
-    nag_pass = ForgePass(job, PassReport(is_hires=False))
+    for name, block in unet.named_modules():
+        if isinstance(block, BasicTransformerBlock):
+            (block_name, number), index = block_key(name)
+            shared.sd_model.forge_objects.unet.set_model_attn2_replace(ip_adapter, *(block_name, number, index)[:key_size])
+    nag_pass = new_pass()
     try:
         denoiser_step(nag_pass, 0)
-        name, module = next((n, m) for n, m in unet.named_modules() if n.endswith(".attn2"))
-        key = replace_key(name)
-        x, context = torch.randn(2 * IMAGES, 64, module.to_q.in_features), torch.randn(2 * IMAGES, 77, 768)
-        options = {**model.forge_objects.unet.model_options["transformer_options"], "cond_or_uncond": [1, 0]}
-        out = forge_attn2(module, x, context, options, key[:2], key[2])
-        q, k, v = module.to_q(x), module.to_k(context), module.to_v(context)
-        chained = module.to_out(ip_adapter(q, k, v, {"n_heads": module.heads, "block": key[:2]}))
-        assert torch.equal(out[:IMAGES], chained[:IMAGES])  # uncond chunk: IP-Adapter's output
-        assert calls and (out[IMAGES:] - chained[IMAGES:]).abs().max() > 1e-3
+        _module, seen, stop = first_attn2_capture(shared.sd_model.forge_objects.unet)
+        unet_call([1, 0])
+        stop()
+        assert calls and not seen  # the replace ran; attn2 itself was never called
+        assert nag_pass.nag.guided_calls == 7
     finally:
         nag_pass.close()
+    assert all_hooks_gone(unet)
+    with_ip, _x, context = unet_call([1, 0])
+    nag_pass = new_pass(params=NagParams(enabled=True, scale=1.0))
+    try:
+        denoiser_step(nag_pass, 0)
+        at_scale_1, *_ = unet_call([1, 0], context)
+    finally:
+        nag_pass.close()
+    assert torch.equal(at_scale_1, with_ip)  # scale 1: IP-Adapter's output untouched
 
 
-def test_idempotent_when_the_unet_already_carries_nag(forge_pass):
+def test_a_unet_that_already_carries_nag_gets_one_nag_patch(forge_pass):
     """Forge Classic without a LoRA starts the hires pass from the UNet the first pass patched."""
     patcher = shared.sd_model.forge_objects.unet
-    first = patcher.model_options["transformer_options"]["patches_replace"]["attn2"]
-    second_pass = ForgePass(forge_pass.job, PassReport(is_hires=True))  # patches the patched UNet
+    second_pass = new_pass(is_hires=True)
     try:
-        again = shared.sd_model.forge_objects.unet.model_options["transformer_options"]["patches_replace"]["attn2"]
-        assert set(again) == set(first)
-        assert all(getattr(replace, forge.PREVIOUS) is None for replace in again.values())
+        patches = shared.sd_model.forge_objects.unet.model_options["transformer_options"]["patches"]["attn2_patch"]
+        assert len(patches) == 1 and patches[0] is not patcher.model_options["transformer_options"]["patches"]["attn2_patch"][0]
     finally:
         second_pass.close()
     assert shared.sd_model.forge_objects.unet is patcher
@@ -182,10 +217,10 @@ def test_refiner_switch_patches_the_new_model(forge_pass):
     forge_pass.job.negative.encode = lambda p, params, is_hires: negative_schedules(width=1280)
     shared.sd_model = refiner
     denoiser_step(forge_pass, 1)
-    replaces = refiner.forge_objects.unet.model_options["transformer_options"]["patches_replace"]["attn2"]
-    assert len(replaces) == 7 and forge_pass.negative.shape[-1] == 1280
-    x, timesteps, context = torch.randn(IMAGES, 4, 8, 8), torch.full((IMAGES,), 500), torch.randn(IMAGES, 77, 1280)
-    run_unet_as_forge(refiner.forge_objects.unet, x, timesteps, context, {"cond_or_uncond": [0]})
+    assert forge_pass.negative.shape[-1] == 1280
+    assert len(refiner.forge_objects.unet.model_options["transformer_options"]["patches"]["attn2_patch"]) == 1
+    unet_call([0], torch.randn(IMAGES, 77, 1280), patcher=refiner.forge_objects.unet)
+    assert forge_pass.nag.guided_calls == 7
 
 
 def test_unsupported_models_are_named():
@@ -196,14 +231,49 @@ def test_unsupported_models_are_named():
 
 def test_kv_is_computed_at_sampling_time_from_current_weights(forge_pass):
     denoiser_step(forge_pass, 0)
-    patcher = shared.sd_model.forge_objects.unet
-    name, module = next((n, m) for n, m in patcher.model.diffusion_model.named_modules() if n.endswith(".attn2"))
-    key = replace_key(name)
-    x, context = torch.randn(IMAGES, 64, module.to_q.in_features), torch.randn(IMAGES, 77, 768)
-    options = {**patcher.model_options["transformer_options"], "cond_or_uncond": [0]}
-    before = forge_attn2(module, x, context, options, key[:2], key[2])
-    module.to_v.weight.mul_(2.0)  # a LoRA patched in after the replace was registered
-    after = forge_attn2(module, x, context, options, key[:2], key[2])
-    expected = nag_cross_attention(module, x, context, PositiveRows.of([0, 1], [0, 1], "cpu"), forge_pass.negative, NegativeKV(), PARAMS)
-    torch.testing.assert_close(after, expected, atol=1e-5, rtol=0)
+    before, _x, context = unet_call([0])
+    module = next(m for n, m in shared.sd_model.forge_objects.unet.model.diffusion_model.named_modules() if n.endswith(".attn2"))
+    module.to_v.weight.mul_(2.0)  # a LoRA patched in after the pass started
+    k_before = forge_pass.kv.get(module, forge_pass.negative, like=context)[1]
+    torch.testing.assert_close(k_before, module.to_v(forge_pass.negative))
+    after, *_ = unet_call([0], context)
     assert not torch.equal(before, after)
+
+
+def expand_rows_per_region(n, context, value, extra_options):
+    """Shaped like Forge Couple's attn2_patch: each cond chunk repeated per region (2 here)."""
+    return n.repeat(2, 1, 1), context.repeat(2, 1, 1), value.repeat(2, 1, 1)
+
+
+@pytest.mark.parametrize("order", ["before NAG", "after NAG"])
+def test_rows_reshaped_by_another_patch_are_not_guided_and_are_counted(order):
+    shared.sd_model = forge_model(randomize_outputs(sd1_like_unet()))
+    patcher = shared.sd_model.forge_objects.unet
+    if order == "before NAG":
+        patcher.set_model_attn2_patch(expand_rows_per_region)
+    nag_pass = new_pass()
+    if order == "after NAG":
+        shared.sd_model.forge_objects.unet.set_model_attn2_patch(expand_rows_per_region)
+    try:
+        denoiser_step(nag_pass, 0)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(forge_block_module(), "attn2_step", attn2_step_collapsing_rows)
+            unet_call([1, 0])
+    finally:
+        nag_pass.close()
+    assert nag_pass.report.guided_calls == 0 and nag_pass.report.unplaced == 7 and nag_pass.report.placed == 0
+
+
+def forge_block_module():
+    import forge_block
+
+    return forge_block
+
+
+_real_attn2_step = forge_block_module().attn2_step
+
+
+def attn2_step_collapsing_rows(block, x, context, transformer_options):
+    """The attn2 step, then the half of the rows back (as Forge Couple's output patch merges regions)."""
+    out = _real_attn2_step(block, x, context, transformer_options)
+    return out[: x.shape[0]]

@@ -5,7 +5,7 @@ import torch
 from reference import reference_guided_rows
 from unets import SDXL_ADM_CHANNELS, attn2_modules, randomize_outputs, sd1_like_unet, sdxl_like_unet
 
-from lib_nag.attention import NegativeKV, PositiveRows, nag_cross_attention
+from lib_nag.attention import CrossAttentionNag, NegativeKV, PositiveRows
 from lib_nag.params import NagParams
 
 PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
@@ -23,13 +23,15 @@ def unwrap_attn2(unet):
         del module.forward
 
 
-def nag_forward(negative, kv):
+def hook_nag(unet, negative):
+    """NAG on every attn2, each call announcing the same positive rows; returns the handles."""
     positive = PositiveRows.of(ROWS, NEGATIVE_INDEX, "cpu")
-
-    def make(module):
-        return lambda x, context=None, **kw: nag_cross_attention(module, x, context, positive, negative, kv, PARAMS, **kw)
-
-    return make
+    nag = CrossAttentionNag(PARAMS, NegativeKV())
+    nag.negative = negative
+    modules = list(attn2_modules(unet).values())
+    nag.install(modules)
+    handles = [m.register_forward_pre_hook(lambda _m, args: nag.begin_call(args[0], positive)) for m in modules]
+    return nag, handles
 
 
 def reference_forward(negative):
@@ -60,8 +62,12 @@ def test_unet_with_nag_on_every_attn2(family, record_difference):
     negative = torch.randn(2, 154, width)  # NAG negatives are longer than the prompts
 
     stock = unet(x, timesteps, context=context, **extra)
-    wrap_attn2(unet, nag_forward(negative, NegativeKV()))
+    nag, handles = hook_nag(unet, negative)
     guided = unet(x, timesteps, context=context, **extra)
+    nag.remove()
+    for handle in handles:
+        handle.remove()
+    assert nag.guided_calls == 7
     wrap_attn2(unet, reference_forward(negative))
     expected = unet(x, timesteps, context=context, **extra)
     unwrap_attn2(unet)
@@ -72,4 +78,4 @@ def test_unet_with_nag_on_every_attn2(family, record_difference):
     record_difference(difference, "relative")
     assert difference <= 1e-5
     assert (guided[:2] - stock[:2]).abs().max() > 1e-3 * stock.abs().max()
-    assert torch.equal(unet(x, timesteps, context=context, **extra), stock)  # unwrapped cleanly
+    assert torch.equal(unet(x, timesteps, context=context, **extra), stock)  # unhooked cleanly

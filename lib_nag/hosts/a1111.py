@@ -1,48 +1,30 @@
-"""AUTOMATIC1111 (1.6–1.10): NAG through instance-level wraps of every ``attn2`` forward.
+"""AUTOMATIC1111 (1.6–1.10): NAG through PyTorch hooks, never by replacing a ``forward``.
 
 Per sampling pass (see ``webui.NagPass`` for the step window and the NAG negative):
-- every module named ``*.attn2`` in the sampling UNet gets an instance ``forward`` that runs
-  the host's current class forward, with NAG on the positive rows while guidance is active;
+- ``CrossAttentionNag`` hooks every ``*.attn2``'s ``to_q`` and out-projection, so NAG runs inside
+  whatever computes the attention: the host's optimized forward, or an instance ``forward`` another
+  extension installed before or after NAG (Regional Prompter, ControlNet's IP-Adapter);
 - per denoiser call, the ``on_cfg_denoiser`` callback records the batch layout: cond rows first,
   grouped by image, then uncond (and, for edit models, image-only rows);
-- the denoiser's inner model (the k-diffusion / timestep wrapper) gets an instance ``forward``
-  that finds which rows of ``x_in`` each UNet call carries: every call the host makes passes a
-  view of ``x_in`` (``x_in``, ``x_in[a:b]``, ``x_in[-n:]``), so the view's storage offset
-  gives its first row. At CFG 1 it also leaves out the uncond rows.
-Everything is undone at the end of the pass.
+- a pre-hook on the denoiser's inner model (the k-diffusion / timestep wrapper) finds which rows of
+  ``x_in`` each call carries: every call the host makes passes a view of ``x_in`` (``x_in``,
+  ``x_in[a:b]``, ``x_in[-n:]``), so the view's storage offset gives its first row;
+- a pre-hook on the UNet places each UNet call in that denoiser call: the same rows, or (tiled
+  diffusion) whole copies of them one after another; a call it cannot place is not guided, and
+  counted, so the console can say so;
+- a pre-hook on each ``attn2`` announces the call's positive rows to ``CrossAttentionNag``.
+Everything is undone at the end of the pass by removing the hooks' handles.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..attention import PositiveRows, nag_cross_attention
+from ..attention import PositiveRows, row_offset
 from . import webui
-
-WRAPPED = "_nag_wrapped"  # marks an instance forward installed by this module
-
-
-def wrap_forward(module: torch.nn.Module, forward: Callable[..., Any]) -> None:
-    setattr(forward, WRAPPED, True)
-    module.forward = forward
-
-
-def unwrap_forward(module: torch.nn.Module) -> None:
-    if getattr(module.__dict__.get("forward"), WRAPPED, False):
-        del module.forward
-
-
-def row_offset(x: torch.Tensor, base: torch.Tensor) -> int | None:
-    """The first row of ``base`` that ``x`` starts at, if ``x`` is a row slice of ``base``."""
-    if x.dim() != base.dim() or x.shape[1:] != base.shape[1:] or x.stride() != base.stride() or x.shape[0] > base.shape[0]:
-        return None
-    if x.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
-        return None
-    rows, remainder = divmod(x.storage_offset() - base.storage_offset(), base.stride(0))
-    return rows if remainder == 0 and 0 <= rows <= base.shape[0] - x.shape[0] else None
 
 
 def slice_rows(value: Any, rows: int, keep: int) -> Any:
@@ -64,6 +46,49 @@ def image_rows(denoiser: Any, cond_rows: int) -> tuple[list[int], list[list[floa
     if batch is None:
         return list(range(cond_rows)), [[1.0]] * cond_rows
     return [image for image, conds in enumerate(batch) for _ in conds], [[c.weight for c in conds] for conds in batch]
+
+
+def host_cond_rows(denoiser: Any) -> torch.Tensor | None:
+    """The cond rows the host builds for this step, in its order, before any callback edits them."""
+    from modules import prompt_parser
+
+    cond = (getattr(getattr(denoiser, "sampler", None), "sampler_extra_args", None) or {}).get("cond")
+    if getattr(cond, "batch", None) is None:
+        return None
+    return webui.crossattn(prompt_parser.reconstruct_multicond_batch(cond, denoiser.step)[1])
+
+
+def call_context(kwargs: dict) -> torch.Tensor | None:
+    """The cross-attention context of an inner-model call (``cond=`` as ldm or sgm dicts)."""
+    cond = kwargs.get("cond")
+    if not isinstance(cond, dict):
+        return None
+    if "c_crossattn" in cond:
+        return torch.cat(cond["c_crossattn"], 1) if isinstance(cond["c_crossattn"], list) else cond["c_crossattn"]
+    return cond.get("crossattn")
+
+
+def same_prefix(rows: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether context rows carry the expected texts (padding may lengthen either side)."""
+    tokens = min(rows.shape[1], expected.shape[1])
+    return rows.shape[0] == expected.shape[0] and torch.equal(rows[:, :tokens], expected[:, :tokens].to(rows.dtype))
+
+
+def repeats_with_period(t: torch.Tensor, period: int) -> bool:
+    """Whether ``t`` is copies of its first ``period`` rows, one after another."""
+    times = t.shape[0] // period
+    first = t[:period].unsqueeze(0)
+    return torch.equal(t.unflatten(0, (times, period)), first.expand(times, *first.shape[1:]))
+
+
+def neighbour_forwards(denoiser: Any, unet: torch.nn.Module | None, attn2: list[torch.nn.Module]) -> bool:
+    """Whether another extension runs the denoiser's inner model, the model's ``apply_model``, the
+    UNet or an ``attn2`` through its own instance forward (tiled diffusion, ControlNet, Regional
+    Prompter, …): those may lay out or split the rows their own way."""
+    from modules import shared
+
+    owners = [denoiser.inner_model, unet, *attn2]
+    return any("forward" in vars(m) for m in owners if m is not None) or "apply_model" in vars(shared.sd_model)
 
 
 def only_the_host_reads_uncond(denoiser: Any) -> bool:
@@ -93,106 +118,170 @@ def uncond_is_unused(denoiser: Any, weights: list[list[float]]) -> bool:
     return unused and only_the_host_reads_uncond(denoiser)
 
 
+@dataclass
 class StepLayout:
-    """The rows of one denoiser call: ``x_in`` as the host passed it to the callback, and the
-    image of each cond row (cond rows lead ``x_in``)."""
+    """One denoiser call: the host's callback parameters (read when the inner model runs, so that
+    what every callback wrote back counts), the image of each cond row (cond rows lead ``x_in``),
+    and the host's own cond rows when per-image NAG negatives make the mapping matter."""
 
-    def __init__(self, x_in: torch.Tensor, image_of_row: list[int], active: bool, skip_uncond: bool) -> None:
-        self.x_in = x_in
-        self.image_of_row = image_of_row
-        self.active = active
-        self.skip_uncond = skip_uncond
+    params: Any
+    image_of_row: list[int]
+    active: bool
+    skip_uncond: bool
+    host_cond_rows: torch.Tensor | None
 
     def cond_rows(self, offset: int, count: int) -> int:
         """How many rows of a call starting at ``offset`` are cond: they always lead."""
         return max(0, min(count, len(self.image_of_row) - offset))
 
-    def positive(self, offset: int, cond_rows: int, device: torch.device) -> PositiveRows:
+    def positive(self, offset: int, cond_rows: int, device: torch.device) -> PositiveRows | None:
+        if not (self.active and cond_rows):
+            return None
         rows = list(range(cond_rows))
         return PositiveRows.of(rows, [self.image_of_row[offset + r] for r in rows], device)
 
 
+@dataclass
+class Placement:
+    """Where the rows of a call stand: ``rows`` rows, of which ``positive`` are cond; ``placed``
+    False when they could not be matched to the CFG batch."""
+
+    rows: int
+    positive: PositiveRows | None
+    placed: bool = True
+
+
 class A1111Pass(webui.NagPass):
     def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
-        self.attn2: list[torch.nn.Module] = []
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.inner_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.inner_models: list[torch.nn.Module] = []
         self.layout: StepLayout | None = None
-        self.current: PositiveRows | None = None
-        self.current_batch = 0
-        self.warned_unlocated = False
+        self.denoiser_call: Placement | None = None
+        self.unet_call: Placement | None = None
+        self.padded_rows: int | None = None
+        self.attn2: list[torch.nn.Module] = []
+        self.unet: torch.nn.Module | None = None
         super().__init__(job, report)
 
     def hook(self, sd_model: Any) -> bool:
-        self.attn2 = [module for _name, module in webui.attn2_modules(A1111Host.unet(sd_model))]
-        self.report.layers = len(self.attn2)
-        for module in self.attn2:
-            wrap_forward(module, self.attn2_forward(module))
-        return bool(self.attn2)
+        unet = A1111Host.unet(sd_model)
+        attn2 = [module for _name, module in webui.attn2_modules(unet)]
+        self.report.layers = len(attn2)
+        if not attn2:
+            return False
+        self.nag.install(attn2)
+        self.handles.append(unet.register_forward_pre_hook(self.place_unet_call, with_kwargs=True))
+        self.handles.append(unet.register_forward_hook(self.end_unet_call))
+        for module in attn2:
+            self.handles.append(module.register_forward_pre_hook(self.begin_attention, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self.end_attention))
+        self.attn2 = attn2
+        self.unet = unet
+        return True
 
     def unhook(self) -> None:
-        for module in self.attn2:
-            unwrap_forward(module)
-        self.attn2 = []
+        self.nag.remove()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
     def close(self) -> None:
         super().close()
-        for inner in self.inner_models:
-            unwrap_forward(inner)
-        self.inner_models = []
-        self.layout = self.current = None
+        for handle in self.inner_handles:
+            handle.remove()
+        self.inner_handles, self.inner_models = [], []
+        self.layout = self.denoiser_call = self.unet_call = None
 
     def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
         image_of_row, weights = image_rows(denoiser, params.text_cond.shape[0])
-        self.layout = StepLayout(params.x, image_of_row, active, uncond_is_unused(denoiser, weights))
-        self.wrap_inner_model(denoiser.inner_model)
+        skip_uncond = uncond_is_unused(denoiser, weights) and not neighbour_forwards(denoiser, self.unet, self.attn2)
+        host_rows = host_cond_rows(denoiser) if active and self.negative_varies() else None
+        self.layout = StepLayout(params, image_of_row, active, skip_uncond, host_rows)
+        self.hook_inner_model(denoiser.inner_model)
 
-    def wrap_inner_model(self, inner: torch.nn.Module) -> None:
+    def negative_varies(self) -> bool:
+        """Whether the images of the batch have different NAG negatives (then each row's image matters)."""
+        negative = self.negative
+        return negative is not None and negative.shape[0] > 1 and not bool((negative == negative[:1]).all())
+
+    def hook_inner_model(self, inner: torch.nn.Module) -> None:
         if inner in self.inner_models:
             return
         self.inner_models.append(inner)
+        self.inner_handles.append(inner.register_forward_pre_hook(self.place_denoiser_call, with_kwargs=True))
+        self.inner_handles.append(inner.register_forward_hook(self.end_denoiser_call))
 
-        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            return self.run_inner(inner, x, args, kwargs)
-
-        wrap_forward(inner, forward)
-
-    def run_inner(self, inner: torch.nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        original = type(inner).forward
+    def place_denoiser_call(self, _inner: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         layout = self.layout
-        offset = None if layout is None else self.locate(x, layout)
+        self.denoiser_call = self.padded_rows = None
+        if layout is None or not args:
+            return None
+        x, x_in = args[0], layout.params.x
+        offset = row_offset(x, x_in)
+        if offset is None and x.shape[0] == x_in.shape[0]:
+            offset = 0  # another extension replaced x after the callbacks; the rows are whole
         if offset is None:
-            return original(inner, x, *args, **kwargs)
+            self.denoiser_call = Placement(x.shape[0], None, placed=False)
+            return None
         cond_rows = layout.cond_rows(offset, x.shape[0])
-        if layout.skip_uncond and cond_rows < x.shape[0]:
-            out = torch.zeros_like(x)  # combine_denoised then gives Σw·c exactly
-            if cond_rows:
-                sliced_args, sliced_kwargs = slice_rows((args, kwargs), x.shape[0], cond_rows)
-                out[:cond_rows] = self.run_inner(inner, x[:cond_rows], sliced_args, sliced_kwargs)
-            return out
-        self.current = layout.positive(offset, cond_rows, x.device) if layout.active and cond_rows else None
-        self.current_batch = x.shape[0]
-        try:
-            return original(inner, x, *args, **kwargs)
-        finally:
-            self.current = None
+        positive = layout.positive(offset, cond_rows, x.device)
+        context = call_context(kwargs)
+        if positive is not None and layout.host_cond_rows is not None and context is not None:
+            expected = layout.host_cond_rows[offset : offset + cond_rows]
+            if not same_prefix(context[:cond_rows], expected):  # rows reordered by another extension
+                self.denoiser_call = Placement(x.shape[0], None, placed=False)
+                return None
+        if layout.skip_uncond and 0 < cond_rows < x.shape[0]:
+            # CFG 1: run the cond rows only; the uncond rows come back as zeros, and the host's
+            # combine_denoised then gives Σw·c exactly.
+            self.padded_rows = x.shape[0]
+            args, kwargs = slice_rows((args, kwargs), x.shape[0], cond_rows)
+            self.denoiser_call = Placement(cond_rows, positive)
+            return args, kwargs
+        self.denoiser_call = Placement(x.shape[0], positive)
+        return None
 
-    def locate(self, x: torch.Tensor, layout: StepLayout) -> int | None:
-        offset = row_offset(x, layout.x_in)
-        if offset is None and x.shape[0] == layout.x_in.shape[0]:
-            offset = 0  # another extension replaced x after this callback; the rows are whole
-        if offset is None and not self.warned_unlocated:
-            self.warned_unlocated = True
-            print(f"{webui.CONSOLE_PREFIX} a UNet call's rows could not be placed in the CFG batch; NAG skips such calls")
-        return offset
+    def end_denoiser_call(self, _inner: torch.nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        padded, self.padded_rows, self.denoiser_call = self.padded_rows, None, None
+        if not padded:
+            return None
+        out = output.new_zeros((padded, *output.shape[1:]))
+        out[: output.shape[0]] = output
+        return out
 
-    def attn2_forward(self, module: torch.nn.Module) -> Callable[..., torch.Tensor]:
-        def forward(x: torch.Tensor, context: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
-            positive = self.current
-            if positive is None or args or context is None or x.shape[0] != self.current_batch:
-                return type(module).forward(module, x, context, *args, **kwargs)
-            return nag_cross_attention(module, x, context, positive, self.negative, self.kv, self.params, **kwargs)
+    def place_unet_call(self, _unet: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("x")
+        context = kwargs.get("context", args[2] if len(args) > 2 else None)
+        call = self.denoiser_call
+        if call is None or not call.placed:
+            self.unet_call = Placement(x.shape[0], None, placed=False)
+        elif x.shape[0] == call.rows:
+            self.unet_call = call
+        elif x.shape[0] % call.rows == 0 and context is not None and repeats_with_period(context, call.rows):
+            # Tiled diffusion: tiles of the whole denoiser batch, one after another.
+            positive = call.positive and call.positive.repeated(x.shape[0] // call.rows, call.rows)
+            self.unet_call = Placement(x.shape[0], positive)
+        else:
+            self.unet_call = Placement(x.shape[0], None, placed=False)
 
-        return forward
+    def end_unet_call(self, *_args: Any) -> None:
+        self.unet_call = None
+
+    def begin_attention(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("x")
+        call = self.unet_call
+        if self.layout is None or not self.layout.active:
+            self.nag.begin_call(x, None)
+        elif call is None or not call.placed or x.shape[0] != call.rows:
+            self.report.unplaced += 1
+            self.nag.begin_call(x, None)
+        else:
+            self.report.placed += 1
+            self.nag.begin_call(x, call.positive)
+
+    def end_attention(self, *_args: Any) -> None:
+        self.nag.end_call()
 
 
 class A1111Host(webui.NagHost):

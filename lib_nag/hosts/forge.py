@@ -1,12 +1,18 @@
-"""The Forge family (Forge 2, reForge, Forge Classic, Forge Neo): NAG as attn2 replace patches.
+"""The Forge family (Forge 2, reForge, Forge Classic, Forge Neo): NAG through PyTorch hooks, with
+each call's rows from an ``attn2_patch``.
 
-Per sampling pass (see ``webui.NagPass`` for the step window and the NAG negative), the pass
-clones ``p.sd_model.forge_objects.unet`` and registers, for every transformer block, an attn2
-replace: a closure over that block's attn2 module, so the NAG negative's K⁻/V⁻ are projected
-at sampling time through the host's own weight casting and offload. The replace receives
-projected q/k/v and returns the output before ``to_out``; the rows it guides are the chunks
-that ``cond_or_uncond`` labels cond (0), in any order and any chunking. A replace already
-registered for the block (IP-Adapter; 3-tuple or 2-tuple key) computes ``Z⁺``.
+Per sampling pass (see ``webui.NagPass`` for the step window and the NAG negative):
+- ``CrossAttentionNag`` hooks every ``*.attn2``'s ``to_q`` and out-projection. The transformer
+  block calls both as modules whether it runs the module's forward (the host's, or an instance
+  forward another extension installed, such as Regional Prompter's) or an attn2 replace patch
+  (Forge's IP-Adapter), so NAG composes with all of them and ``Z⁺`` is their output;
+- the pass clones ``p.sd_model.forge_objects.unet`` and adds an ``attn2_patch``: the block calls it
+  with the normed input and ``extra_options`` just before the attention, and it tells
+  ``CrossAttentionNag`` which rows are positive: the chunks that ``cond_or_uncond`` labels cond (0),
+  in any order and any chunking. Rows it cannot place (another patch that reshaped the batch, such
+  as Forge Couple's) are not guided, and counted.
+The K⁻/V⁻ of the NAG negative are projected inside the UNet's forward, through the host's own
+weight casting and offload. The clone is dropped and the hooks removed at the end of the pass.
 """
 
 from __future__ import annotations
@@ -17,36 +23,13 @@ from typing import Any
 
 import torch
 
-from ..attention import PositiveRows, nag_attention
+from ..attention import PositiveRows
 from . import webui
 
 COND = 0  # cond_or_uncond label of a positive chunk
-PREVIOUS = "_nag_previous"  # on our replace: the replace it chains to (None for the host's)
+NAG_PATCH = "_nag_attn2_patch"  # marks our attn2_patch on the patcher
 
-Replace = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
-
-
-def host_attention() -> Callable[..., torch.Tensor]:
-    """The host's attention function (its module picks it at import)."""
-    if find_spec("backend") is not None:
-        from backend import attention  # Forge 2, Neo
-
-        return attention.attention_function
-    from ldm_patched.ldm.modules import attention  # reForge, Forge Classic
-
-    return attention.optimized_attention
-
-
-def replace_key(name: str) -> tuple[str, int, int] | None:
-    """``input_blocks.4.1.transformer_blocks.0.attn2`` → ``("input", 4, 0)``;
-    ``middle_block.1.transformer_blocks.m.attn2`` → ``("middle", 0, m)``."""
-    parts = name.split(".")
-    if parts[0] == "middle_block":
-        parts = [parts[0], "0", *parts[1:]]
-    blocks = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
-    if len(parts) != 6 or parts[0] not in blocks or parts[2:4] != ["1", "transformer_blocks"] or parts[5] != "attn2":
-        return None
-    return blocks[parts[0]], int(parts[1]), int(parts[4])
+Attn2Patch = Callable[[torch.Tensor, Any, Any, dict], tuple]
 
 
 def positive_chunks(cond_or_uncond: list[int], rows: int, device: torch.device) -> PositiveRows | None:
@@ -60,43 +43,51 @@ def positive_chunks(cond_or_uncond: list[int], rows: int, device: torch.device) 
     return PositiveRows.of([c * per_chunk + j for c in chunks for j in images], images * len(chunks), device)
 
 
+def placeable(rows: int, extra_options: dict) -> bool:
+    """Whether ``rows`` are the chunks ``cond_or_uncond`` describes: one per chunk and image."""
+    labels = extra_options.get("cond_or_uncond") or []
+    sigmas = extra_options.get("sigmas")
+    images = sigmas.shape[0] if isinstance(sigmas, torch.Tensor) and sigmas.dim() else None
+    return bool(labels) and rows % len(labels) == 0 and (images is None or rows == images * len(labels))
+
+
+def without_our_patches(patcher: Any) -> None:
+    """Drop attn2 patches an earlier NAG pass left on ``patcher`` (Forge Classic starts a hires pass
+    from the first pass's patched UNet when no LoRA is active)."""
+    patches = patcher.model_options.get("transformer_options", {}).get("patches", {})
+    if "attn2_patch" in patches:
+        patches["attn2_patch"] = [p for p in patches["attn2_patch"] if not getattr(p, NAG_PATCH, False)]
+
+
 class ForgePass(webui.NagPass):
     def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
         self.active = False
         self.patched: list[tuple[Any, Any, Any]] = []  # (sd_model, our clone, the patcher it replaced)
-        self.attention = host_attention()
         self.rows: dict[tuple, PositiveRows | None] = {}  # per (cond_or_uncond, rows, device)
         super().__init__(job, report)
 
-    def positive(self, cond_or_uncond: list[int], q: torch.Tensor) -> PositiveRows | None:
-        key = (tuple(cond_or_uncond), q.shape[0], q.device)
+    def positive(self, cond_or_uncond: list[int], x: torch.Tensor) -> PositiveRows | None:
+        key = (tuple(cond_or_uncond), x.shape[0], x.device)
         if key not in self.rows:
-            self.rows[key] = positive_chunks(cond_or_uncond, q.shape[0], q.device)
+            self.rows[key] = positive_chunks(cond_or_uncond, x.shape[0], x.device)
         return self.rows[key]
 
     def hook(self, sd_model: Any) -> bool:
         original = sd_model.forge_objects.unet
-        modules = webui.attn2_modules(original.model.diffusion_model)
+        attn2 = [module for _name, module in webui.attn2_modules(original.model.diffusion_model)]
+        self.report.layers = len(attn2)
+        if not attn2:
+            return False
         clone = original.clone()
-        registered = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-        hooked = 0
-        for name, module in modules:
-            key = replace_key(name)
-            if key is None:
-                continue
-            previous = registered.get(key) or registered.get(key[:2])
-            # A patcher that already carries our replace (a hires pass on an unreset UNet)
-            # chains to what ours chained to: never to ourselves.
-            previous = getattr(previous, PREVIOUS, previous)
-            clone.set_model_attn2_replace(self.replace_for(module, previous), *key)
-            hooked += 1
+        without_our_patches(clone)
+        clone.set_model_attn2_patch(self.attn2_patch())
         sd_model.forge_objects.unet = clone
         self.patched.append((sd_model, clone, original))
-        self.report.layers = hooked
-        return hooked > 0
+        self.nag.install(attn2)
+        return True
 
     def unhook(self) -> None:
-        self.active = False  # the replaces pass through to the host's attention
+        self.nag.remove()
 
     def close(self) -> None:
         super().close()
@@ -108,24 +99,21 @@ class ForgePass(webui.NagPass):
     def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
         self.active = active
 
-    def replace_for(self, module: torch.nn.Module, previous: Replace | None) -> Replace:
-        def replace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-            heads = extra_options["n_heads"]
-            if previous is None:
-                attention = self.attention
+    def attn2_patch(self) -> Attn2Patch:
+        # A closure, not a bound method: the patcher deep-copies its options on every clone.
+        def place_rows(n: torch.Tensor, context: Any, value: Any, extra_options: dict) -> tuple:
+            if not self.active:
+                self.nag.begin_call(n, None)
+            elif placeable(n.shape[0], extra_options):
+                self.report.placed += 1
+                self.nag.begin_call(n, self.positive(extra_options["cond_or_uncond"], n))
             else:
+                self.report.unplaced += 1
+                self.nag.begin_call(n, None)
+            return n, context, value
 
-                def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, _heads: int) -> torch.Tensor:
-                    return previous(q, k, v, extra_options)
-
-            positive = self.positive(extra_options["cond_or_uncond"], q) if self.active else None
-            if positive is None or self.negative is None:
-                return attention(q, k, v, heads)
-            k_negative, v_negative = self.kv.get(module, self.negative, like=q)
-            return nag_attention(q, k, v, heads, positive, k_negative, v_negative, self.params, host_attention=attention)
-
-        setattr(replace, PREVIOUS, previous)
-        return replace
+        setattr(place_rows, NAG_PATCH, True)
+        return place_rows
 
 
 class ForgeHost(webui.NagHost):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .. import params as nag_params
-from ..attention import NegativeKV
+from ..attention import CrossAttentionNag, NegativeKV
 from ..params import NagParamError, NagParams
 from ..schedule import guided_steps, sampler_step
 
@@ -47,11 +47,26 @@ def infotext_has_nag(entries: dict) -> bool:
 
 @dataclass
 class PassReport:
+    """What NAG did in one sampling pass: ``guided`` holds the steps in which it guided at least one
+    cross-attention call; ``placed``/``unplaced`` count the cross-attention calls inside the window
+    whose rows could or could not be matched to the CFG batch."""
+
     is_hires: bool
     steps: int = 0
+    window: int = 0
     guided: set[int] = field(default_factory=set)
+    guided_calls: int = 0
+    placed: int = 0
+    unplaced: int = 0
     layers: int = 0
     skipped: str = ""
+
+    @property
+    def name(self) -> str:
+        return "hires pass" if self.is_hires else "first pass"
+
+
+UNPLACED = "another extension calls the UNet with its own batches, tiles or row order"
 
 
 @dataclass
@@ -65,16 +80,35 @@ class JobReport:
     def pass_report(self, is_hires: bool) -> PassReport:
         return self.passes.setdefault(is_hires, PassReport(is_hires))
 
+    def guided_calls(self) -> int:
+        return sum(p.guided_calls for p in self.passes.values())
+
     def line(self) -> str:
         if self.error:
             return f"{CONSOLE_PREFIX} invalid arguments, job stopped: {self.error}"
-        guided = [p for p in self.passes.values() if not p.skipped]
-        if not guided:
+        ran = [p for p in self.passes.values() if not p.skipped]
+        if not ran:
             reasons = sorted({p.skipped for p in self.passes.values()}) or ["no sampling pass ran"]
             return f"{CONSOLE_PREFIX} skipped: {'; '.join(reasons)}"
-        parts = [f"{'hires' if p.is_hires else 'first'} pass {len(p.guided)}/{p.steps} steps guided" for p in guided]
-        layers = max(p.layers for p in guided)
-        return f"{CONSOLE_PREFIX} active on {self.model}: {', '.join(parts)}, {layers} cross-attention layers hooked"
+        if not self.guided_calls():
+            return f"{CONSOLE_PREFIX} not applied on {self.model}: {self.not_applied_reason(ran)}"
+        parts = [f"{p.name} {len(p.guided)}/{p.steps} steps guided ({p.guided_calls} cross-attention calls)" for p in ran]
+        line = f"{CONSOLE_PREFIX} active on {self.model}: {', '.join(parts)}, {max(p.layers for p in ran)} cross-attention layers hooked"
+        unplaced = sum(p.unplaced for p in ran)
+        if unplaced:
+            line += f"; {unplaced} of {unplaced + sum(p.placed for p in ran)} calls not guided: their rows could not be placed ({UNPLACED})"
+        return line
+
+    @staticmethod
+    def not_applied_reason(ran: list[PassReport]) -> str:
+        placed, unplaced = sum(p.placed for p in ran), sum(p.unplaced for p in ran)
+        if unplaced:
+            return f"{placed} of {placed + unplaced} cross-attention calls could be placed in the CFG batch ({UNPLACED})"
+        if not any(p.window for p in ran):
+            return "no sampling step fell inside the NAG start/end window"
+        if not placed:
+            return "no hooked cross-attention layer ran (a UNet replacement such as TensorRT bypasses them)"
+        return "no cross-attention call carried a positive prompt"
 
 
 def model_family(sd_model: Any) -> str:
@@ -193,8 +227,11 @@ class NagPass:
         self.report = report
         self.is_hires = report.is_hires
         self.kv = NegativeKV()
+        self.nag = CrossAttentionNag(self.params, self.kv)
         self.negative: torch.Tensor | None = None
         self.negative_key: tuple[int, ...] | None = None
+        self.step: int | None = None  # the sampler step of the last denoiser call
+        self.guided_before_step = 0
         self.hooked = False
         self.model = shared.sd_model
         self.checkpoint = checkpoint(self.model)
@@ -207,10 +244,12 @@ class NagPass:
         script_callbacks.on_cfg_denoiser(self.on_cfg_denoiser)
 
     def hook(self, sd_model: Any) -> bool:
-        """Hook the model's UNet; return whether anything was hooked."""
+        """Hook the model's UNet (``self.nag.install`` on its cross-attention modules, and whatever
+        tells ``self.nag`` each call's positive rows); return whether anything was hooked."""
         raise NotImplementedError
 
     def unhook(self) -> None:
+        """Remove every hook ``hook`` installed."""
         raise NotImplementedError
 
     def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
@@ -226,7 +265,18 @@ class NagPass:
         getattr(script_callbacks, "ordered_callbacks_map", {}).pop("cfg_denoiser", None)
         self.unhook()
         self.hooked = False
-        self.negative = None
+        self.settle_step()
+        self.report.guided_calls += self.nag.guided_calls
+        self.report.placed -= self.nag.missed_calls  # placed by the host, yet never seen by a hook
+        self.report.unplaced += self.nag.missed_calls
+        self.nag.guided_calls = self.nag.missed_calls = 0
+        self.negative = self.nag.negative = None
+
+    def settle_step(self) -> None:
+        """Count the last step as guided if NAG guided a cross-attention call in it."""
+        if self.step is not None and self.nag.guided_calls > self.guided_before_step:
+            self.report.guided.add(self.step)
+        self.guided_before_step = self.nag.guided_calls
 
     def on_cfg_denoiser(self, params: Any) -> None:
         from modules import shared
@@ -239,10 +289,11 @@ class NagPass:
             self.follow_model_switch(shared.sd_model)
         step, steps = sampler_step(denoiser.step, denoiser.total_steps, calls_per_step(denoiser))
         window = guided_steps(steps, self.params.start, self.params.end)
-        self.report.steps = steps
+        self.settle_step()
+        self.step = step
+        self.report.steps, self.report.window = steps, len(window)
         active = self.hooked and step in window
         if active:
-            self.report.guided.add(step)
             self.set_negative(denoiser.step)
         elif self.hooked and step >= window.stop:
             self.unhook()  # past the end step: the host's own attention runs untouched
@@ -256,7 +307,7 @@ class NagPass:
         # rebuilt when the schedule moves, so the K⁻/V⁻ cache holds across steps.
         key = schedule_indices(self.schedules, denoiser_step)
         if key != self.negative_key:
-            self.negative = crossattn(prompt_parser.reconstruct_cond_batch(self.schedules, denoiser_step))
+            self.negative = self.nag.negative = crossattn(prompt_parser.reconstruct_cond_batch(self.schedules, denoiser_step))
             self.negative_key = key
 
     def follow_model_switch(self, sd_model: Any) -> None:
@@ -267,8 +318,8 @@ class NagPass:
         self.model = sd_model
         self.checkpoint = checkpoint(sd_model)
         self.schedules = self.job.negative.encode(self.job.p, self.params, self.is_hires)
-        self.negative = self.negative_key = None
-        self.kv = NegativeKV()
+        self.negative = self.nag.negative = self.negative_key = None
+        self.kv = self.nag.kv = NegativeKV()
         self.hooked = self.hook(sd_model)
 
 
@@ -292,13 +343,17 @@ class NagJob:
         original = self.p.sample
 
         def sample(*args: Any, **kwargs: Any) -> Any:
+            guided_before = self.report.guided_calls()
             try:
-                return original(*args, **kwargs)
+                samples = original(*args, **kwargs)
             except BaseException:
                 self.end()
                 raise
             finally:
                 self.end_pass()
+            # The images of this batch carry NAG's parameters only if NAG guided them.
+            write_infotext(self.p, self.params if self.report.guided_calls() > guided_before else None)
+            return samples
 
         self.p.sample = self.guard = sample
 
@@ -317,9 +372,7 @@ class NagJob:
             return
         self.pass_ = self.host.pass_class(self, report)
         self.host.live = self
-        if self.pass_.hooked:
-            write_infotext(self.p, self.params)  # NAG runs: the image parameters say so
-        else:
+        if not self.pass_.hooked:
             report.skipped = "no cross-attention layer could be hooked"
             self.end_pass()
 

@@ -14,6 +14,14 @@ class UnetPatcher:
         clone.model_options = copy.deepcopy(self.model_options)
         return clone
 
+    def set_model_attn2_patch(self, patch):
+        """Mirrors ModelPatcher.set_model_attn2_patch / set_model_patch: a new list, copy-on-write."""
+        options = dict(self.model_options["transformer_options"])
+        patches = dict(options.get("patches", {}))
+        patches["attn2_patch"] = [*patches.get("attn2_patch", []), patch]
+        options["patches"] = patches
+        self.model_options["transformer_options"] = options
+
     def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
         """Mirrors ModelPatcher.set_model_attn2_replace / set_model_options_patch_replace."""
         key = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
