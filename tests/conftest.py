@@ -5,9 +5,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# The repository, the test helpers, and the host stand-ins: A1111's ``modules`` package and
-# Forge's ``backend`` (see tests/a1111/README.md and tests/forge/README.md).
-for path in (ROOT, ROOT / "tests", ROOT / "tests" / "a1111", ROOT / "tests" / "forge"):
+# The repository, the test helpers, the host stand-ins (A1111's ``modules`` package, Forge's
+# ``backend``) and the neighbouring extensions' (see the README.md in each folder).
+for path in (ROOT, ROOT / "tests", ROOT / "tests" / "a1111", ROOT / "tests" / "forge", ROOT / "tests" / "neighbours"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

@@ -431,6 +431,10 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
                 p.scripts.postprocess_batch_list(p, batch_params, batch_number=n)
                 samples = batch_params.images
             for i, sample in enumerate(samples):
+                if p.scripts is not None:  # ADetailer runs its inpaint jobs here, before postprocess
+                    pp = scripts.PostprocessImageArgs(sample)
+                    p.scripts.postprocess_image(p, pp)
+                    sample = pp.image
                 infotexts.append(create_infotext(p, p.prompts, p.seeds, p.subseeds, index=i, all_negative_prompts=p.negative_prompts))
                 output_images.append(sample)
         if not infotexts:

@@ -36,6 +36,13 @@ class PostprocessBatchListArgs:
         self.images = images
 
 
+class PostprocessImageArgs:
+    """Mirrors scripts.PostprocessImageArgs (v1.10.1)."""
+
+    def __init__(self, image):
+        self.image = image
+
+
 class Script:
     """Mirrors scripts.Script (v1.10.1): every hook below is a no-op that the runner skips unless a subclass overrides it."""
 
@@ -61,6 +68,7 @@ class Script:
     def process_batch(self, p, *args, **kwargs): ...
     def postprocess_batch(self, p, *args, **kwargs): ...
     def postprocess_batch_list(self, p, pp, *args, **kwargs): ...
+    def postprocess_image(self, p, pp, *args): ...
     def on_mask_blend(self, p, mba, *args): ...
     def post_sample(self, p, ps, *args): ...
     def postprocess(self, p, processed, *args): ...
@@ -213,6 +221,10 @@ class ScriptRunner:
     def postprocess_batch(self, p, images, **kwargs):
         """Mirrors ScriptRunner.postprocess_batch (v1.10.1): ``images`` is passed as a keyword."""
         self._call("postprocess_batch", p, images=images, **kwargs)
+
+    def postprocess_image(self, p, pp):
+        """Mirrors ScriptRunner.postprocess_image (v1.10.1): per image, after postprocess_batch_list."""
+        self._call("postprocess_image", p, pp)
 
     def postprocess_batch_list(self, p, pp, **kwargs):
         """Mirrors ScriptRunner.postprocess_batch_list (v1.10.1)."""
