@@ -114,6 +114,16 @@ class PositiveRows:
         return PositiveRows.of([t * period + r for t in range(times) for r in rows], negatives * times, self.rows.device)
 
 
+def repeats_with_period(t: torch.Tensor, period: int) -> bool:
+    """Whether ``t`` is whole copies of its first ``period`` rows, one after another (how tiled
+    diffusion batches its tiles: every tile carries all the rows of the call it tiles)."""
+    times, remainder = divmod(t.shape[0], period)
+    if remainder or not times:
+        return False
+    first = t[:period].unsqueeze(0)
+    return torch.equal(t.unflatten(0, (times, period)), first.expand(times, *first.shape[1:]))
+
+
 def row_offset(x: torch.Tensor, base: torch.Tensor) -> int | None:
     """The first row of ``base`` that ``x`` starts at, if ``x`` is a row slice (a view) of ``base``."""
     if x.dim() != base.dim() or x.shape[1:] != base.shape[1:] or x.stride() != base.stride() or x.shape[0] > base.shape[0]:

@@ -15,7 +15,7 @@ from reference import reference_guided_rows
 from unets import randomize_outputs, sd1_like_unet
 
 from lib_nag.hosts import forge
-from lib_nag.hosts.forge import ForgeHost, ForgePass, placeable, positive_chunks
+from lib_nag.hosts.forge import ForgeHost, ForgePass, place, positive_chunks
 from lib_nag.hosts.webui import PassReport
 from lib_nag.params import NagParams
 
@@ -82,9 +82,13 @@ def test_chunks_and_placement():
     rows = positive_chunks([1, 0, 0], 6, "cpu")
     assert rows.rows.tolist() == [2, 3, 4, 5] and rows.negative_index.tolist() == [0, 1, 0, 1]
     assert positive_chunks([1], 2, "cpu") is None
-    assert placeable(6, {"cond_or_uncond": [1, 0, 0], "sigmas": torch.ones(2)})
-    assert not placeable(7, {"cond_or_uncond": [1, 0, 0], "sigmas": torch.ones(2)})  # a pad row
-    assert not placeable(8, {"cond_or_uncond": [1, 0], "sigmas": torch.ones(2)})  # rows expanded per region
+    options = {"cond_or_uncond": [1, 0, 0], "sigmas": torch.ones(2)}
+    context = torch.randn(6, 77, 8)
+    assert place(torch.zeros(6, 4, 8), context, options) == (True, 1)
+    assert place(torch.zeros(7, 4, 8), torch.cat([context, context[:1]]), options) == (False, 0)  # a pad row
+    assert place(torch.zeros(12, 4, 8), context.repeat(2, 1, 1), options) == (True, 2)  # tiles: copies of the batch
+    regrouped = torch.cat([context[:2], context[2:].repeat(2, 1, 1)])  # cond chunks expanded per region
+    assert place(torch.zeros(10, 4, 8), regrouped, options) == (False, 0)
 
 
 def test_hook_clones_the_patcher_with_one_attn2_patch_and_hooks_every_attn2(forge_pass):
@@ -200,6 +204,24 @@ def test_composes_with_an_attn2_replace(key_size):
     assert torch.equal(at_scale_1, with_ip)  # scale 1: IP-Adapter's output untouched
 
 
+def test_tiles_of_the_batch_are_guided_like_the_batch(forge_pass, record_difference):
+    """Forge's integrated MultiDiffusion wraps apply_model and calls it on tile-major copies of the
+    batch (``torch.cat`` of crops, the conds ``repeat``-ed), with the options of the whole batch."""
+    denoiser_step(forge_pass, 0)
+    patcher = shared.sd_model.forge_objects.unet
+    torch.manual_seed(3)
+    tiles = [torch.randn(IMAGES, 4, 8, 8).repeat(2, 1, 1, 1) for _ in range(3)]
+    context = torch.randn(2 * IMAGES, 77, 768)
+    options = {"cond_or_uncond": [1, 0], "sigmas": torch.ones(IMAGES)}
+    timesteps = torch.full((2 * IMAGES,), 500)
+    each = [run_unet_as_forge(patcher, tile, timesteps, context, options) for tile in tiles]
+    together = run_unet_as_forge(patcher, torch.cat(tiles), timesteps.repeat(3), context.repeat(3, 1, 1), options)
+    difference = (together - torch.cat(each)).abs().max().item()
+    record_difference(difference)
+    assert difference <= 1e-5
+    assert forge_pass.report.unplaced == 0 and forge_pass.nag.guided_calls == 4 * 7
+
+
 def test_a_unet_that_already_carries_nag_gets_one_nag_patch(forge_pass):
     """Forge Classic without a LoRA starts the hires pass from the UNet the first pass patched."""
     patcher = shared.sd_model.forge_objects.unet
@@ -240,24 +262,42 @@ def test_kv_is_computed_at_sampling_time_from_current_weights(forge_pass):
     assert not torch.equal(before, after)
 
 
-def expand_rows_per_region(n, context, value, extra_options):
-    """Shaped like Forge Couple's attn2_patch: each cond chunk repeated per region (2 here)."""
-    return n.repeat(2, 1, 1), context.repeat(2, 1, 1), value.repeat(2, 1, 1)
+def couple_attn2_patch(n, context, value, extra_options):
+    """Shaped like Forge Couple's attn2_patch (Haoming02/sd-forge-couple ``7a396d8d``,
+    ``lib_couple/attention_couple.py``): an uncond chunk keeps its rows; a cond chunk is repeated once
+    per region (two here), the prompt's context stacked with a region's."""
+    labels = extra_options["cond_or_uncond"]
+    per_chunk = n.shape[0] // len(labels)
+    rows, contexts = [], []
+    for i, label in enumerate(labels):
+        chunk, chunk_context = n[i * per_chunk : (i + 1) * per_chunk], context[i * per_chunk : (i + 1) * per_chunk]
+        rows.append(chunk if label else chunk.repeat(2, 1, 1))
+        contexts.append(chunk_context if label else torch.cat([chunk_context, chunk_context.flip(1)]))
+    return torch.cat(rows), torch.cat(contexts), torch.cat(contexts)
+
+
+def attn2_step_merging_regions(block, x, context, transformer_options):
+    """The attn2 step, then the regions merged back (Forge Couple's attn2_output_patch), for [1, 0]."""
+    out = _real_attn2_step(block, x, context, transformer_options)
+    if out.shape[0] == x.shape[0]:
+        return out
+    uncond, regions = out[:IMAGES], out[IMAGES:]
+    return torch.cat([uncond, (regions[:IMAGES] + regions[IMAGES:]) / 2])
 
 
 @pytest.mark.parametrize("order", ["before NAG", "after NAG"])
-def test_rows_reshaped_by_another_patch_are_not_guided_and_are_counted(order):
+def test_rows_regrouped_by_another_patch_are_not_guided_and_are_counted(order):
     shared.sd_model = forge_model(randomize_outputs(sd1_like_unet()))
     patcher = shared.sd_model.forge_objects.unet
     if order == "before NAG":
-        patcher.set_model_attn2_patch(expand_rows_per_region)
+        patcher.set_model_attn2_patch(couple_attn2_patch)
     nag_pass = new_pass()
     if order == "after NAG":
-        shared.sd_model.forge_objects.unet.set_model_attn2_patch(expand_rows_per_region)
+        shared.sd_model.forge_objects.unet.set_model_attn2_patch(couple_attn2_patch)
     try:
         denoiser_step(nag_pass, 0)
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(forge_block_module(), "attn2_step", attn2_step_collapsing_rows)
+            m.setattr(forge_block_module(), "attn2_step", attn2_step_merging_regions)
             unet_call([1, 0])
     finally:
         nag_pass.close()
@@ -271,9 +311,3 @@ def forge_block_module():
 
 
 _real_attn2_step = forge_block_module().attn2_step
-
-
-def attn2_step_collapsing_rows(block, x, context, transformer_options):
-    """The attn2 step, then the half of the rows back (as Forge Couple's output patch merges regions)."""
-    out = _real_attn2_step(block, x, context, transformer_options)
-    return out[: x.shape[0]]

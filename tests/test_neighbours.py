@@ -10,7 +10,7 @@ from controlnet_ip_adapter import ControlNetIPAdapter
 from fake_models import make_sd_model
 from harness import load, reset_host, run, script_runner, txt2img
 from modules import script_callbacks, shared
-from regional_prompter import RegionalPrompter, hook_forwards
+from regional_prompter import RegionalPrompter, hook_forwards, latent_mode_callback
 from test_a1111 import load_script_module
 from test_forge import IMAGES, denoiser_step, forge_model, new_pass, unet_call
 from tiled_diffusion import TiledDiffusion
@@ -226,3 +226,31 @@ def test_a_unet_replacement_that_bypasses_attn2_is_named(monkeypatch, capsys):
     assert nag_line(capsys.readouterr().out) == [
         "[NAG] not applied on SD1: no hooked cross-attention layer ran (a UNet replacement such as TensorRT bypasses them)"
     ]
+
+
+@pytest.mark.parametrize("negatives", ["one NAG negative", "a negative per image"])
+def test_regional_prompter_latent_mode(negatives, capsys):
+    """Latent mode turns BREAK into AND, turns batch_cond_uncond off and reorders the cond rows in
+    place: harmless when every image has the same NAG negative; otherwise NAG cannot tell which
+    image a row belongs to, so it stands aside for those calls and says so."""
+    shared.opts.batch_cond_uncond = False
+    script_callbacks.on_cfg_denoiser(latent_mode_callback(areas=2))
+    prompts = ["green hair AND red blouse", "blue hair AND a hat"]
+    fields = {"steps": 2, "batch_size": 2, "prompt": prompts, "negative_prompt": ["ugly", "bad"]}
+    args = [True, 5.0, 2.5, 0.25, 0.0, 1.0, "glasses" if negatives == "one NAG negative" else "", "Both passes"]
+    processed = job([], args, **fields)
+    line = nag_line(capsys.readouterr().out)[0]
+    if negatives == "one NAG negative":
+        assert "NAG scale: 5.0" in processed.infotexts[0] and line.startswith("[NAG] active on SD1: first pass 2/2 steps guided")
+    else:
+        assert "NAG" not in processed.infotexts[0]
+        assert line.startswith("[NAG] not applied on SD1: 0 of 28 cross-attention calls could be placed")
+
+
+def test_animatediff_with_one_window_is_guided(capsys):
+    fields = {"steps": 2, "batch_size": 2, "prompt": ["a cat", "a dog"]}
+    alone = job([AnimateDiff(window=2)], **fields)
+    assert same(job([AnimateDiff(window=2)], NAG_AT_1, **fields), alone)
+    capsys.readouterr()
+    on = job([AnimateDiff(window=2)], NAG_ON, **fields)
+    assert not same(on, alone) and "(14 cross-attention calls)" in nag_line(capsys.readouterr().out)[0]

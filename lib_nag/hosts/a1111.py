@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..attention import PositiveRows, row_offset
+from ..attention import PositiveRows, repeats_with_period, row_offset
 from . import webui
 
 
@@ -72,13 +72,6 @@ def same_prefix(rows: torch.Tensor, expected: torch.Tensor) -> bool:
     """Whether context rows carry the expected texts (padding may lengthen either side)."""
     tokens = min(rows.shape[1], expected.shape[1])
     return rows.shape[0] == expected.shape[0] and torch.equal(rows[:, :tokens], expected[:, :tokens].to(rows.dtype))
-
-
-def repeats_with_period(t: torch.Tensor, period: int) -> bool:
-    """Whether ``t`` is copies of its first ``period`` rows, one after another."""
-    times = t.shape[0] // period
-    first = t[:period].unsqueeze(0)
-    return torch.equal(t.unflatten(0, (times, period)), first.expand(times, *first.shape[1:]))
 
 
 def neighbour_forwards(denoiser: Any, unet: torch.nn.Module | None, attn2: list[torch.nn.Module]) -> bool:
@@ -258,7 +251,7 @@ class A1111Pass(webui.NagPass):
             self.unet_call = Placement(x.shape[0], None, placed=False)
         elif x.shape[0] == call.rows:
             self.unet_call = call
-        elif x.shape[0] % call.rows == 0 and context is not None and repeats_with_period(context, call.rows):
+        elif context is not None and repeats_with_period(context, call.rows):
             # Tiled diffusion: tiles of the whole denoiser batch, one after another.
             positive = call.positive and call.positive.repeated(x.shape[0] // call.rows, call.rows)
             self.unet_call = Placement(x.shape[0], positive)
@@ -273,12 +266,10 @@ class A1111Pass(webui.NagPass):
         call = self.unet_call
         if self.layout is None or not self.layout.active:
             self.nag.begin_call(x, None)
-        elif call is None or not call.placed or x.shape[0] != call.rows:
-            self.report.unplaced += 1
-            self.nag.begin_call(x, None)
-        else:
-            self.report.placed += 1
-            self.nag.begin_call(x, call.positive)
+            return
+        placed = call is not None and call.placed and x.shape[0] == call.rows
+        self.report.count_call(placed, placed and call.positive is not None)
+        self.nag.begin_call(x, call.positive if placed else None)
 
     def end_attention(self, *_args: Any) -> None:
         self.nag.end_call()

@@ -9,8 +9,9 @@ Per sampling pass (see ``webui.NagPass`` for the step window and the NAG negativ
 - the pass clones ``p.sd_model.forge_objects.unet`` and adds an ``attn2_patch``: the block calls it
   with the normed input and ``extra_options`` just before the attention, and it tells
   ``CrossAttentionNag`` which rows are positive: the chunks that ``cond_or_uncond`` labels cond (0),
-  in any order and any chunking. Rows it cannot place (another patch that reshaped the batch, such
-  as Forge Couple's) are not guided, and counted.
+  in any order and any chunking, or whole copies of that batch (Forge's integrated MultiDiffusion
+  tiles). Rows it cannot place (another patch that regrouped the batch, such as Forge Couple's) are
+  not guided, and counted.
 The K⁻/V⁻ of the NAG negative are projected inside the UNet's forward, through the host's own
 weight casting and offload. The clone is dropped and the hooks removed at the end of the pass.
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..attention import PositiveRows
+from ..attention import PositiveRows, repeats_with_period
 from . import webui
 
 COND = 0  # cond_or_uncond label of a positive chunk
@@ -43,12 +44,24 @@ def positive_chunks(cond_or_uncond: list[int], rows: int, device: torch.device) 
     return PositiveRows.of([c * per_chunk + j for c in chunks for j in images], images * len(chunks), device)
 
 
-def placeable(rows: int, extra_options: dict) -> bool:
-    """Whether ``rows`` are the chunks ``cond_or_uncond`` describes: one per chunk and image."""
+def chunk_rows(extra_options: dict) -> int | None:
+    """The rows of the batch ``cond_or_uncond`` describes: one per chunk and image."""
     labels = extra_options.get("cond_or_uncond") or []
     sigmas = extra_options.get("sigmas")
     images = sigmas.shape[0] if isinstance(sigmas, torch.Tensor) and sigmas.dim() else None
-    return bool(labels) and rows % len(labels) == 0 and (images is None or rows == images * len(labels))
+    return images * len(labels) if labels and images else None
+
+
+def place(n: torch.Tensor, context: Any, extra_options: dict) -> tuple[bool, int]:
+    """Whether the rows of ``n`` are the batch ``cond_or_uncond`` describes, or whole copies of it
+    (a tiled-diffusion wrapper's tile-major batch, its context repeated alike), and how many."""
+    rows = chunk_rows(extra_options)
+    if rows is None:
+        return False, 0
+    if n.shape[0] == rows:
+        return True, 1
+    copies = isinstance(context, torch.Tensor) and context.shape[0] == n.shape[0] and repeats_with_period(context, rows)
+    return copies, n.shape[0] // rows if copies else 0
 
 
 def without_our_patches(patcher: Any) -> None:
@@ -66,10 +79,10 @@ class ForgePass(webui.NagPass):
         self.rows: dict[tuple, PositiveRows | None] = {}  # per (cond_or_uncond, rows, device)
         super().__init__(job, report)
 
-    def positive(self, cond_or_uncond: list[int], x: torch.Tensor) -> PositiveRows | None:
-        key = (tuple(cond_or_uncond), x.shape[0], x.device)
+    def positive(self, cond_or_uncond: list[int], rows: int, device: torch.device) -> PositiveRows | None:
+        key = (tuple(cond_or_uncond), rows, device)
         if key not in self.rows:
-            self.rows[key] = positive_chunks(cond_or_uncond, x.shape[0], x.device)
+            self.rows[key] = positive_chunks(cond_or_uncond, rows, device)
         return self.rows[key]
 
     def hook(self, sd_model: Any) -> bool:
@@ -104,12 +117,13 @@ class ForgePass(webui.NagPass):
         def place_rows(n: torch.Tensor, context: Any, value: Any, extra_options: dict) -> tuple:
             if not self.active:
                 self.nag.begin_call(n, None)
-            elif placeable(n.shape[0], extra_options):
-                self.report.placed += 1
-                self.nag.begin_call(n, self.positive(extra_options["cond_or_uncond"], n))
-            else:
-                self.report.unplaced += 1
-                self.nag.begin_call(n, None)
+                return n, context, value
+            placed, copies = place(n, context, extra_options)
+            positive = self.positive(extra_options["cond_or_uncond"], n.shape[0] // copies, n.device) if placed else None
+            if positive is not None and copies > 1:
+                positive = positive.repeated(copies, n.shape[0] // copies)
+            self.report.count_call(placed, positive is not None)
+            self.nag.begin_call(n, positive)
             return n, context, value
 
         setattr(place_rows, NAG_PATCH, True)

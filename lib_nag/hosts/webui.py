@@ -48,14 +48,16 @@ def infotext_has_nag(entries: dict) -> bool:
 @dataclass
 class PassReport:
     """What NAG did in one sampling pass: ``guided`` holds the steps in which it guided at least one
-    cross-attention call; ``placed``/``unplaced`` count the cross-attention calls inside the window
-    whose rows could or could not be matched to the CFG batch."""
+    cross-attention call. Of the cross-attention ``calls`` inside the window, ``placed`` count those
+    whose rows were matched to the CFG batch and carry a positive prompt, ``unplaced`` those whose
+    rows could not be matched."""
 
     is_hires: bool
     steps: int = 0
     window: int = 0
     guided: set[int] = field(default_factory=set)
     guided_calls: int = 0
+    calls: int = 0
     placed: int = 0
     unplaced: int = 0
     layers: int = 0
@@ -64,6 +66,12 @@ class PassReport:
     @property
     def name(self) -> str:
         return "hires pass" if self.is_hires else "first pass"
+
+    def count_call(self, placed: bool, positive: bool) -> None:
+        """Count a cross-attention call inside the window."""
+        self.calls += 1
+        self.placed += placed and positive
+        self.unplaced += not placed
 
 
 UNPLACED = "another extension calls the UNet with its own batches, tiles or row order"
@@ -106,7 +114,7 @@ class JobReport:
             return f"{placed} of {placed + unplaced} cross-attention calls could be placed in the CFG batch ({UNPLACED})"
         if not any(p.window for p in ran):
             return "no sampling step fell inside the NAG start/end window"
-        if not placed:
+        if not any(p.calls for p in ran):
             return "no hooked cross-attention layer ran (a UNet replacement such as TensorRT bypasses them)"
         return "no cross-attention call carried a positive prompt"
 

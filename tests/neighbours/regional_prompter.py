@@ -73,3 +73,17 @@ class RegionalPrompter(scripts.Script):
 
     def postprocess(self, p, processed, *args):
         hook_forwards(p.sd_model.model.diffusion_model, remove=True)
+
+
+def latent_mode_callback(areas):
+    """Mirrors latent.py denoiser_callback_s on A1111: the cond rows of ``params.x`` and
+    ``params.text_cond`` (image-major: each image's AND areas) reordered in place, area-major."""
+
+    def reorder(params):
+        cond = params.text_cond.shape[0]
+        images = cond // areas
+        order = [image * areas + area for area in range(areas) for image in range(images)]
+        for tensor in (params.x, params.text_cond):
+            tensor[:cond] = tensor[order].clone()
+
+    return reorder
