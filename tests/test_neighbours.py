@@ -254,3 +254,10 @@ def test_animatediff_with_one_window_is_guided(capsys):
     capsys.readouterr()
     on = job([AnimateDiff(window=2)], NAG_ON, **fields)
     assert not same(on, alone) and "(14 cross-attention calls)" in nag_line(capsys.readouterr().out)[0]
+
+
+def test_cfg_1_keeps_the_uncond_rows_for_a_neighbour_that_runs_the_denoiser():
+    """AnimateDiff installs its inner-model forward from a ``cfg_denoiser`` callback and its windows
+    index the uncond frames: at CFG 1 NAG must not drop them (it checks as each call runs)."""
+    fields = {"steps": 2, "batch_size": 2, "prompt": ["a cat", "a dog"], "cfg_scale": 1.0}
+    assert same(job([AnimateDiff(window=1)], NAG_ON, **fields), job([AnimateDiff(window=1)], **fields))

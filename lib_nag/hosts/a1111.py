@@ -155,6 +155,7 @@ class A1111Pass(webui.NagPass):
         self.padded_rows: int | None = None
         self.attn2: list[torch.nn.Module] = []
         self.unet: torch.nn.Module | None = None
+        self.denoiser: Any = None
         super().__init__(job, report)
 
     def hook(self, sd_model: Any) -> bool:
@@ -184,13 +185,13 @@ class A1111Pass(webui.NagPass):
         for handle in self.inner_handles:
             handle.remove()
         self.inner_handles, self.inner_models = [], []
-        self.layout = self.denoiser_call = self.unet_call = None
+        self.layout = self.denoiser_call = self.unet_call = self.denoiser = None
 
     def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
         image_of_row, weights = image_rows(denoiser, params.text_cond.shape[0])
-        skip_uncond = uncond_is_unused(denoiser, weights) and not neighbour_forwards(denoiser, self.unet, self.attn2)
         host_rows = host_cond_rows(denoiser) if active and self.negative_varies() else None
-        self.layout = StepLayout(params, image_of_row, active, skip_uncond, host_rows)
+        self.layout = StepLayout(params, image_of_row, active, uncond_is_unused(denoiser, weights), host_rows)
+        self.denoiser = denoiser
         self.hook_inner_model(denoiser.inner_model)
 
     def negative_varies(self) -> bool:
@@ -225,7 +226,8 @@ class A1111Pass(webui.NagPass):
             if not same_prefix(context[:cond_rows], expected):  # rows reordered by another extension
                 self.denoiser_call = Placement(x.shape[0], None, placed=False)
                 return None
-        if layout.skip_uncond and 0 < cond_rows < x.shape[0]:
+        # Checked as the call runs: another extension may install its forward in a later callback.
+        if layout.skip_uncond and 0 < cond_rows < x.shape[0] and not neighbour_forwards(self.denoiser, self.unet, self.attn2):
             # CFG 1: run the cond rows only; the uncond rows come back as zeros, and the host's
             # combine_denoised then gives Σw·c exactly.
             self.padded_rows = x.shape[0]
