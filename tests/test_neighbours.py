@@ -18,6 +18,7 @@ from unets import randomize_outputs, sd1_like_unet
 
 from lib_nag.attention import CrossAttentionNag
 from lib_nag.hosts import HOST
+from lib_nag.hosts.webui import JobReport
 from lib_nag.params import NagParams
 
 NAG_ON = [True, 5.0, 2.5, 0.25, 0.0, 1.0, "", "Both passes"]
@@ -189,6 +190,8 @@ def test_regional_prompter_on_forge(installed):
         finally:
             nag_pass.close()
         guided_calls.append(nag_pass.report.guided_calls)
+        line = JobReport(model="SD1", passes={False: nag_pass.report}).line()
+        assert line == "[NAG] active on SD1: first pass 1/10 steps guided (7 cross-attention calls), 7 cross-attention layers hooked"
     assert torch.equal(outputs["at 1"], alone)
     assert torch.equal(outputs["on"][:IMAGES], alone[:IMAGES]) and not torch.equal(outputs["on"][IMAGES:], alone[IMAGES:])
     attn2 = [m for n, m in unet.named_modules() if n.endswith(".attn2")]
