@@ -144,7 +144,7 @@ class Placement:
     placed: bool = True
 
 
-class A1111Pass(webui.NagPass):
+class A1111Pass(webui.CrossAttentionPass):
     def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.inner_handles: list[torch.utils.hooks.RemovableHandle] = []

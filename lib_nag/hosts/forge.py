@@ -72,7 +72,7 @@ def without_our_patches(patcher: Any) -> None:
         patches["attn2_patch"] = [p for p in patches["attn2_patch"] if not getattr(p, NAG_PATCH, False)]
 
 
-class ForgePass(webui.NagPass):
+class ForgePass(webui.CrossAttentionPass):
     def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
         self.active = False
         self.patched: list[tuple[Any, Any, Any]] = []  # (sd_model, our clone, the patcher it replaced)

@@ -223,9 +223,10 @@ def calls_per_step(denoiser: Any) -> int:
 
 
 class NagPass:
-    """NAG on one sampling pass, for any host: the NAG negative of the pass, the step window,
-    and an ``on_cfg_denoiser`` callback registered for the pass alone. A host subclass hooks
-    the UNet (``hook``/``unhook``) and reads each denoiser call (``on_step``)."""
+    """NAG on one sampling pass, for any host and model: the NAG negative of the pass, the step
+    window, and an ``on_cfg_denoiser`` callback registered for the pass alone. A subclass makes the
+    pass's guidance (``make_nag``: an object that holds ``negative`` and counts ``guided_calls`` and
+    ``missed_calls``), hooks the model (``hook``/``unhook``) and reads each denoiser call (``on_step``)."""
 
     def __init__(self, job: NagJob, report: PassReport) -> None:
         from modules import script_callbacks, shared
@@ -234,9 +235,8 @@ class NagPass:
         self.params: NagParams = job.params
         self.report = report
         self.is_hires = report.is_hires
-        self.kv = NegativeKV()
-        self.nag = CrossAttentionNag(self.params, self.kv)
-        self.negative: torch.Tensor | None = None
+        self.nag = self.make_nag()
+        self.negative: Any = None
         self.negative_key: tuple[int, ...] | None = None
         self.step: int | None = None  # the sampler step of the last denoiser call
         self.guided_before_step = 0
@@ -251,9 +251,16 @@ class NagPass:
             raise
         script_callbacks.on_cfg_denoiser(self.on_cfg_denoiser)
 
+    def make_nag(self) -> Any:
+        raise NotImplementedError
+
+    def negative_from(self, cond: Any) -> Any:
+        """What the guidance needs of the NAG negative's conditioning (by default its context)."""
+        return crossattn(cond)
+
     def hook(self, sd_model: Any) -> bool:
-        """Hook the model's UNet (``self.nag.install`` on its cross-attention modules, and whatever
-        tells ``self.nag`` each call's positive rows); return whether anything was hooked."""
+        """Hook the model (and whatever tells ``self.nag`` each call's positive rows); return
+        whether anything was hooked."""
         raise NotImplementedError
 
     def unhook(self) -> None:
@@ -273,12 +280,16 @@ class NagPass:
         getattr(script_callbacks, "ordered_callbacks_map", {}).pop("cfg_denoiser", None)
         self.unhook()
         self.hooked = False
+        self.collect_counts()
+        self.negative = self.nag.negative = None
+
+    def collect_counts(self) -> None:
+        """Move the guidance's counts into the pass report."""
         self.settle_step()
         self.report.guided_calls += self.nag.guided_calls
         self.report.placed -= self.nag.missed_calls  # placed by the host, yet never seen by a hook
         self.report.unplaced += self.nag.missed_calls
-        self.nag.guided_calls = self.nag.missed_calls = 0
-        self.negative = self.nag.negative = None
+        self.nag.guided_calls = self.nag.missed_calls = self.guided_before_step = 0
 
     def settle_step(self) -> None:
         """Count the last step as guided if NAG guided a cross-attention call in it."""
@@ -315,7 +326,7 @@ class NagPass:
         # rebuilt when the schedule moves, so the K⁻/V⁻ cache holds across steps.
         key = schedule_indices(self.schedules, denoiser_step)
         if key != self.negative_key:
-            self.negative = self.nag.negative = crossattn(prompt_parser.reconstruct_cond_batch(self.schedules, denoiser_step))
+            self.negative = self.nag.negative = self.negative_from(prompt_parser.reconstruct_cond_batch(self.schedules, denoiser_step))
             self.negative_key = key
 
     def follow_model_switch(self, sd_model: Any) -> None:
@@ -326,9 +337,18 @@ class NagPass:
         self.model = sd_model
         self.checkpoint = checkpoint(sd_model)
         self.schedules = self.job.negative.encode(self.job.p, self.params, self.is_hires)
-        self.negative = self.nag.negative = self.negative_key = None
-        self.kv = self.nag.kv = NegativeKV()
+        self.collect_counts()
+        self.nag = self.make_nag()
+        self.negative = self.negative_key = None
         self.hooked = self.hook(sd_model)
+
+
+class CrossAttentionPass(NagPass):
+    """NAG on a UNet's cross-attention (``attn2``) layers, with the K⁻/V⁻ cache of the pass."""
+
+    def make_nag(self) -> CrossAttentionNag:
+        self.kv = NegativeKV()
+        return CrossAttentionNag(self.params, self.kv)
 
 
 class NagJob:
