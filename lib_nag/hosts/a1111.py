@@ -253,7 +253,7 @@ class A1111Pass(webui.CrossAttentionPass):
             self.unet_call = Placement(x.shape[0], None, placed=False)
         elif x.shape[0] == call.rows:
             self.unet_call = call
-        elif context is not None and repeats_with_period(context, call.rows):
+        elif isinstance(context, torch.Tensor) and context.shape[0] == x.shape[0] and repeats_with_period(context, call.rows):
             # Tiled diffusion: tiles of the whole denoiser batch, one after another.
             positive = call.positive and call.positive.repeated(x.shape[0] // call.rows, call.rows)
             self.unet_call = Placement(x.shape[0], positive)
