@@ -205,12 +205,20 @@ def raise_on_sampling(p: Any, error: NagParamError) -> None:
     p.sample = refuse
 
 
+CROSS_ATTENTION_PARTS = ("to_q", "to_k", "to_v", "to_out")
+
+
 def attn2_modules(unet: torch.nn.Module | None) -> list[tuple[str, torch.nn.Module]]:
-    """The cross-attention modules of an SD/SDXL UNet, by name (the class differs by host and
-    by attention backend)."""
+    """The cross-attention modules of an SD/SDXL UNet: named ``*.attn2`` (the class differs by host
+    and by attention backend) and built of ``to_q``/``to_k``/``to_v``/``to_out`` (SD3.5 Medium's
+    MMDiT-X has self-attention modules named ``attn2`` too)."""
     if unet is None:
         return []
-    return [(name, module) for name, module in unet.named_modules() if name.endswith(".attn2")]
+    return [
+        (name, module)
+        for name, module in unet.named_modules()
+        if name.endswith(".attn2") and all(hasattr(module, part) for part in CROSS_ATTENTION_PARTS)
+    ]
 
 
 def checkpoint(sd_model: Any) -> Any:
