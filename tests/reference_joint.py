@@ -73,7 +73,9 @@ def nag_single(block, x, mod, pe, pe_negative, txt_length, bn, pads, nag):
     """NAGSingleStreamBlock.forward (the ``txt_length`` path): the guided image output goes into both
     the positive and the NAG rows; each keeps its own MLP half and gate."""
     context_pad, nag_pad = pads
-    qkv, mlp = torch.split(block.linear1((1 + mod.scale) * block.pre_norm(x) + mod.shift), [3 * block.hidden_size, block.mlp_hidden_dim], -1)
+    qkv, mlp = torch.split(
+        block.linear1((1 + mod.scale) * block.pre_norm(x) + mod.shift), [3 * block.hidden_size, block.mlp_hidden_dim], -1
+    )
     q, k, v = split_qkv(qkv, block.num_heads)
     q, k = block.norm(q, k, v)
     attn = rope_attention(q[:-bn, :, context_pad:], k[:-bn, :, context_pad:], v[:-bn, :, context_pad:], pe)
@@ -116,13 +118,18 @@ def reference_joint(model, x, timestep, context, nag_context, nag, y=None, nag_y
         length = len(model.double_blocks) * 12 + len(model.single_blocks) * 3 + 2
         time_guidance = torch.cat([timestep_embedding(timestep, 16), timestep_embedding(torch.zeros_like(timestep), 16)], 1)
         index = timestep_embedding(torch.arange(length), 32).double()
-        vectors = model.distilled_guidance_layer(torch.cat([time_guidance[:, None].expand(-1, length, -1), index[None].expand(len(x), -1, -1)], -1))
+        vectors = model.distilled_guidance_layer(
+            torch.cat([time_guidance[:, None].expand(-1, length, -1), index[None].expand(len(x), -1, -1)], -1)
+        )
         mods = model.distribute_modulations(torch.cat((vectors, vectors[-bn:])), len(model.single_blocks), len(model.double_blocks))
 
         def cut(m):
             return SimpleNamespace(shift=m.shift[:-bn], scale=m.scale[:-bn], gate=m.gate[:-bn])
 
-        double_mods = [([cut(m) for m in mods[f"double_blocks.{i}.img_mod.lin"]], mods[f"double_blocks.{i}.txt_mod.lin"]) for i in range(len(model.double_blocks))]
+        double_mods = [
+            ([cut(m) for m in mods[f"double_blocks.{i}.img_mod.lin"]], mods[f"double_blocks.{i}.txt_mod.lin"])
+            for i in range(len(model.double_blocks))
+        ]
         single_mods = [mods[f"single_blocks.{i}.modulation.lin"] for i in range(len(model.single_blocks))]
         final = [t[:-bn] for t in mods["final_layer.adaLN_modulation.1"]]
     else:

@@ -309,9 +309,9 @@ def nag_forward(
         if is_chroma:
             modulations, context_negative = _chroma_modulations(model, host, inputs), negative
         else:
-            modulations = _flux_modulations(model, host, inputs, positive.negatives(negative["vector"]).to(y))
+            modulations = _flux_modulations(model, host, inputs, positive.negatives(negative["vector"].to(y)))
             context_negative = negative["crossattn"]
-        txt_negative = positive.negatives(context_negative).to(context)
+        txt_negative = positive.negatives(context_negative.to(context))  # on the call's device before indexing
         call = _Call(
             positive,
             model.pe_embedder(torch.cat((_text_ids(x.shape[0], context.shape[1], x), img_ids), dim=1)),
