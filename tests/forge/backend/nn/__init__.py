@@ -1,0 +1,1 @@
+"""Stand-in of Forge's ``backend.nn`` (see tests/forge/README.md)."""
