@@ -227,6 +227,33 @@ PRESETS: tuple[Preset, ...] = (
         "authors' README SDXL example (DMD2 4-step, LCM, guidance_scale 0): nag_scale 3, with the diffusers defaults tau 2.5, alpha 0.5",
     ),
     Preset(
+        "Flux-dev / Flux-schnell (CFG 1)",
+        5.0,
+        2.5,
+        0.25,
+        0.5,
+        "authors' Flux-Dev (25 steps) and Flux-Schnell (4 steps) workflows, euler/simple, CFG 1: scale 5, tau 2.5, alpha 0.25, "
+        "nag_sigma_end 0.75; with Forge's flow shift (1.15 dev, 1.0 schnell) sigma 0.75 falls after the first half of the steps "
+        "(13/25 dev, 2/4 schnell), so end 0.5",
+    ),
+    Preset(
+        "Flux Kontext",
+        3.0,
+        2.5,
+        0.25,
+        0.5,
+        "authors' Flux-Kontext-Dev workflow (20 steps, CFG 1): scale 3, tau 2.5, alpha 0.25, nag_sigma_end 0.75 (end 0.5, as for Flux-dev)",
+    ),
+    Preset(
+        "Chroma",
+        5.0,
+        2.5,
+        0.25,
+        0.5,
+        "authors' Chroma workflow (30 steps, CFG 4): scale 5, tau 2.5, alpha 0.25, nag_sigma_end 0.75; "
+        "with Forge's shift 1.0 and the Simple scheduler sigma 0.75 falls after 15 of 30 steps, so end 0.5",
+    ),
+    Preset(
         "Paper (SDXL)",
         3.0,
         2.5,

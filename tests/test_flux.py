@@ -1,13 +1,21 @@
 """NAG on Flux.1 and Chroma through lib_nag.hosts.forge_flux, on tiny stand-ins of Forge main's
 backend/nn/flux.py and chroma.py, against the ComfyUI-NAG reference (tests/reference_joint.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from backend.nn.chroma import IntegratedChromaTransformer2DModel
 from backend.nn.flux import IntegratedFluxTransformer2DModel
+from backend.patcher.unet import UnetPatcher
+from modules import prompt_parser, shared
 from reference_joint import reference_joint
+from test_forge import denoiser_step, forge_model
+from unets import randomize_outputs, sd1_like_unet
 
-from lib_nag.hosts.forge_flux import nag_forward
+from lib_nag.hosts.forge import ForgeHost, ForgePass
+from lib_nag.hosts.forge_flux import FORWARD, FluxPass, nag_forward
+from lib_nag.hosts.webui import JobReport, PassReport
 from lib_nag.params import NagParams
 
 PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
@@ -34,9 +42,10 @@ def tiny_model(kind):
 def batch(kind, chunks, negative_tokens=5):
     """A call's arguments for ``chunks`` (cond_or_uncond), 2 images of 5×6 latents (odd: padded), and
     a NAG negative per image."""
-    rows = IMAGES * len(chunks)
-    arguments = {"x": torch.randn(rows, 4, 5, 6), "timestep": torch.rand(rows), "context": torch.randn(rows, PROMPT_TOKENS, T5)}
-    options = {"transformer_options": {"cond_or_uncond": chunks, "sigmas": arguments["timestep"]}}
+    rows, sigmas = IMAGES * len(chunks), torch.rand(IMAGES)
+    # As Forge's calc_cond_uncond_batch: the timestep repeated per chunk, ``sigmas`` one per image.
+    arguments = {"x": torch.randn(rows, 4, 5, 6), "timestep": sigmas.repeat(len(chunks)), "context": torch.randn(rows, PROMPT_TOKENS, T5)}
+    options = {"transformer_options": {"cond_or_uncond": chunks, "sigmas": sigmas}}
     if kind == "chroma":
         return arguments | options, torch.randn(IMAGES, negative_tokens, T5)
     conditioning = {"y": torch.randn(rows, POOLED), "guidance": torch.full((rows,), 3.5)}
@@ -47,7 +56,7 @@ def batch(kind, chunks, negative_tokens=5):
 
 
 def guided(model, negative, params=PARAMS, is_active=lambda options: True, calls=None):
-    return nag_forward(model, negative, params, is_active, None if calls is None else lambda: calls.append(1))
+    return nag_forward(model, lambda: negative, params, is_active, None if calls is None else calls.append)
 
 
 def reference(model, kind, arguments, negative):
@@ -92,7 +101,7 @@ def test_matches_the_authors_formulation_and_leaves_uncond_rows_alone(kind, chun
     cond = [r for r in range(len(out)) if r not in uncond]
     assert torch.equal(out[uncond], stock[uncond])
     assert relative(out[cond], stock[cond]) > 1e-3  # NAG changed the cond rows
-    assert calls == [1]
+    assert calls == [True]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -123,3 +132,85 @@ def test_scale_one_changes_nothing(kind, record_difference):
     difference = relative(guided(model, negative, NagParams(enabled=True, scale=1.0))(**arguments), model(**arguments))
     record_difference(difference)
     assert difference <= 1e-6
+
+
+# --- the pass: Forge's patcher, object patch and step window -----------------------------------------
+
+
+def flux_sd_model(kind):
+    """What Forge's sd_model holds for a Flux or Chroma checkpoint: the patcher over a KModel."""
+    return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=tiny_model(kind)))))
+
+
+def flux_pass(kind, negative, params=PARAMS):
+    """A FluxPass whose job encodes ``negative`` (one row per image) for every step."""
+    per_image = list(negative) if kind == "chroma" else [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
+    schedules = [[prompt_parser.ScheduledPromptConditioning(10, cond)] for cond in per_image]
+    job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda p, params, is_hires: schedules))
+    return FluxPass(job, PassReport(is_hires=False))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_pass_patches_a_clone_and_guides_inside_the_window(kind):
+    shared.sd_model = flux_sd_model(kind)
+    original = shared.sd_model.forge_objects.unet
+    model = original.model.diffusion_model
+    arguments, negative = batch(kind, [1, 0])
+    stock = model(**arguments)
+    assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), shared.sd_model) is FluxPass
+    nag_pass = flux_pass(kind, negative, NagParams(enabled=True, end=0.5))
+    patcher = shared.sd_model.forge_objects.unet
+    assert patcher is not original and not original.object_patches and "forward" not in vars(model)
+    patcher.forge_patch_model()  # Forge loads the pass's patcher for sampling
+    try:
+        denoiser_step(nag_pass, 0)
+        first = model(**arguments)
+        expected = guided(model, negative)(**arguments)
+        assert torch.equal(first, expected) and torch.equal(first[:IMAGES], stock[:IMAGES])
+        denoiser_step(nag_pass, 5)  # past the end: the model's own forward
+        assert torch.equal(model(**arguments), stock)
+    finally:
+        nag_pass.close()
+        patcher.forge_unpatch_model()
+    assert shared.sd_model.forge_objects.unet is original
+    assert nag_pass.report.guided == {0} and nag_pass.report.guided_calls == 1
+    line = JobReport(model="Flux", passes={False: nag_pass.report}).line()
+    assert line == "[NAG] active on Flux: first pass 1/10 steps guided (1 model calls), 2 double + 2 single blocks"
+    again = flux_pass(kind, negative)  # Forge's unpatch left the model's own bound forward on it
+    assert again.hooked
+    again.close()
+
+
+def test_the_pass_stands_aside_when_another_extension_replaced_the_forward():
+    shared.sd_model = flux_sd_model("flux")
+    shared.sd_model.forge_objects.unet.add_object_patch(FORWARD, lambda *args, **kwargs: None)
+    _arguments, negative = batch("flux", [0])
+    nag_pass = flux_pass("flux", negative)
+    assert not nag_pass.hooked
+    assert nag_pass.report.skipped == "another extension replaces the IntegratedFluxTransformer2DModel forward, which NAG would have to run"
+    nag_pass.close()
+
+
+def test_rows_that_cannot_be_placed_are_counted(capsys):
+    shared.sd_model = flux_sd_model("flux")
+    arguments, negative = batch("flux", [1, 0])
+    arguments["transformer_options"]["sigmas"] = torch.rand(3)  # rows that are not chunks × images
+    nag_pass = flux_pass("flux", negative)
+    patcher = shared.sd_model.forge_objects.unet
+    patcher.forge_patch_model()
+    try:
+        denoiser_step(nag_pass, 0)
+        model = patcher.model.diffusion_model
+        assert torch.equal(model(**arguments), type(model).forward(model, **arguments))
+    finally:
+        nag_pass.close()
+        patcher.forge_unpatch_model()
+    line = JobReport(model="Flux", passes={False: nag_pass.report}).line()
+    assert line.startswith("[NAG] not applied on Flux: 0 of 1 model calls could be placed in the CFG batch")
+
+
+def test_a_switch_between_sdxl_and_flux_picks_each_models_pass():
+    host = ForgeHost.__new__(ForgeHost)
+    assert host.pass_for(forge_model(randomize_outputs(sd1_like_unet()))) is ForgePass
+    assert host.pass_for(flux_sd_model("chroma")) is FluxPass
+    assert host.pass_for(flux_sd_model("flux")) is FluxPass

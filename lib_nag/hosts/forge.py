@@ -64,6 +64,19 @@ def place(n: torch.Tensor, context: Any, extra_options: dict) -> tuple[bool, int
     return copies, n.shape[0] // rows if copies else 0
 
 
+Chunks = Callable[[list[int], int, torch.device], PositiveRows | None]
+
+
+def positive_rows(n: torch.Tensor, context: Any, extra_options: dict, chunks: Chunks = positive_chunks) -> tuple[bool, PositiveRows | None]:
+    """Whether the rows of ``n`` could be placed (see ``place``), and which are positive."""
+    placed, copies = place(n, context, extra_options)
+    if not placed:
+        return False, None
+    period = n.shape[0] // copies
+    positive = chunks(extra_options["cond_or_uncond"], period, n.device)
+    return True, positive.repeated(copies, period) if positive is not None and copies > 1 else positive
+
+
 def without_our_patches(patcher: Any) -> None:
     """Drop attn2 patches an earlier NAG pass left on ``patcher`` (Forge Classic starts a hires pass
     from the first pass's patched UNet when no LoRA is active)."""
@@ -118,10 +131,7 @@ class ForgePass(webui.CrossAttentionPass):
             if not self.active:
                 self.nag.begin_call(n, None)
                 return n, context, value
-            placed, copies = place(n, context, extra_options)
-            positive = self.positive(extra_options["cond_or_uncond"], n.shape[0] // copies, n.device) if placed else None
-            if positive is not None and copies > 1:
-                positive = positive.repeated(copies, n.shape[0] // copies)
+            placed, positive = positive_rows(n, context, extra_options, self.positive)
             self.report.count_call(placed, positive is not None)
             self.nag.begin_call(n, positive)
             return n, context, value
@@ -141,6 +151,11 @@ class ForgeHost(webui.NagHost):
     def unet(sd_model: Any) -> torch.nn.Module | None:
         patcher = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
         return getattr(getattr(patcher, "model", None), "diffusion_model", None)
+
+    def pass_for(self, sd_model: Any) -> type[webui.NagPass] | None:
+        from .forge_flux import FluxPass, is_flux_family
+
+        return FluxPass if is_flux_family(self.unet(sd_model)) else super().pass_for(sd_model)
 
 
 def forge_variant() -> str:

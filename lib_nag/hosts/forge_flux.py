@@ -21,7 +21,10 @@ import torch
 from ..attention import PositiveRows
 from ..joint_attention import QKV, Attend, double_stream_attention, single_stream_attention
 from ..params import NagParams
-from .forge import positive_chunks
+from . import webui
+from .forge import positive_rows
+
+FORWARD = "diffusion_model.forward"  # the object patch NAG adds to the pass's clone of the patcher
 
 Modulation = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # shift, scale, gate: [B, 1, D] each
 DoubleModulations = tuple[Modulation, Modulation]  # before the attention, before the MLP
@@ -278,19 +281,20 @@ def _flux_conditioning(y: torch.Tensor, guidance: torch.Tensor | None = None, **
 
 def nag_forward(
     model: torch.nn.Module,
-    negative: torch.Tensor | dict[str, torch.Tensor],
+    negative: Callable[[], torch.Tensor | dict[str, torch.Tensor]],
     params: NagParams,
     is_active: Callable[[dict], bool],
-    on_guided: Callable[[], None] | None = None,
+    on_guided: Callable[[bool], None] | None = None,
 ) -> Forward:
     """A replacement for ``model.forward`` (a Forge ``IntegratedFluxTransformer2DModel`` or
     ``IntegratedChromaTransformer2DModel``) that guides the cond rows with NAG.
 
-    ``negative`` is the NAG negative, one row per image of the batch: for Flux the conditioning dict
-    (``crossattn [images, tokens, T5]``, ``vector [images, pooled]``), for Chroma the T5 tensor.
+    ``negative()`` is the NAG negative now, one row per image of the batch: for Flux the conditioning
+    dict (``crossattn [images, tokens, T5]``, ``vector [images, pooled]``), for Chroma the T5 tensor.
     ``is_active(transformer_options)`` says whether NAG guides this call (the step window); when it
-    is false, or the call has no cond chunk, the model's own forward runs. ``on_guided`` is called
-    once per guided call.
+    is false, or the call has no cond chunk, the model's own forward runs. The call's rows are
+    placed from ``cond_or_uncond`` as on the UNet path (whole copies of the batch too); ``on_guided``
+    is told, for each active call, whether its rows could be placed (then they were guided).
     """
     host = sys.modules[type(model).__module__]
     is_chroma = hasattr(model, "distribute_modulations")
@@ -298,19 +302,23 @@ def nag_forward(
 
     def forward(x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         options = kwargs.get("transformer_options") or {}
-        labels = options.get("cond_or_uncond") or []
-        positive = positive_chunks(labels, x.shape[0], x.device) if labels and x.shape[0] % len(labels) == 0 else None
-        if positive is None or not is_active(options):
+        if not is_active(options):
+            return own_forward(model, x, timestep, context, *args, **kwargs)
+        placed, positive = positive_rows(x, context, options)
+        if positive is None:
+            if on_guided is not None and not placed:
+                on_guided(False)
             return own_forward(model, x, timestep, context, *args, **kwargs)
         img, img_ids = _patches(x)
         img = model.img_in(img)
         y, guidance = (None, None) if is_chroma else _flux_conditioning(*args, **kwargs)
         inputs = _Inputs(positive, timestep, y, guidance, x.shape[0], img.device, img.dtype)
+        conditioning = negative()
         if is_chroma:
-            modulations, context_negative = _chroma_modulations(model, host, inputs), negative
+            modulations, context_negative = _chroma_modulations(model, host, inputs), webui.crossattn(conditioning)
         else:
-            modulations = _flux_modulations(model, host, inputs, positive.negatives(negative["vector"].to(y)))
-            context_negative = negative["crossattn"]
+            modulations = _flux_modulations(model, host, inputs, positive.negatives(conditioning["vector"].to(y)))
+            context_negative = conditioning["crossattn"]
         txt_negative = positive.negatives(context_negative.to(context))  # on the call's device before indexing
         call = _Call(
             positive,
@@ -322,7 +330,82 @@ def nag_forward(
         )
         out = _blocks(model, img, model.txt_in(context), model.txt_in(txt_negative), modulations, call)
         if on_guided is not None:
-            on_guided()
+            on_guided(True)
         return _image(out, x.shape[2], x.shape[3])
 
     return forward
+
+
+def replaced_forward(model: torch.nn.Module) -> bool:
+    """Whether another extension replaced the model's forward. Forge's unpatch sets the bound class
+    forward back as an instance attribute: that one is the model's own."""
+    forward = vars(model).get("forward")
+    return forward is not None and not (getattr(forward, "__func__", None) is type(model).forward and forward.__self__ is model)
+
+
+def is_flux_family(model: Any) -> bool:
+    """Flux.1 or Chroma as Forge builds them: double- and single-stream block stacks."""
+    return all(hasattr(model, name) for name in ("double_blocks", "single_blocks", "txt_in", "img_in"))
+
+
+class ModelCalls:
+    """The guidance state of a pass that runs the whole model: the NAG negative now, and the model
+    calls guided, or whose rows could not be placed."""
+
+    def __init__(self) -> None:
+        self.negative: Any = None
+        self.guided_calls = 0
+        self.missed_calls = 0
+
+    def count(self, report: webui.PassReport) -> Callable[[bool], None]:
+        def counted(placed: bool) -> None:
+            report.count_call(placed, placed)
+            self.guided_calls += placed
+
+        return counted
+
+
+class FluxPass(webui.NagPass):
+    """NAG on a Flux or Chroma model for one sampling pass. The pass clones the UNet patcher and
+    adds an object patch that replaces the diffusion model's ``forward`` with ``nag_forward``: Forge
+    sets it when it loads the patcher for sampling and restores what was there when it unloads it,
+    so nothing stays on the model. Between the window's steps the patched forward is the model's."""
+
+    def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
+        self.active = False
+        self.patched: list[tuple[Any, Any, Any]] = []  # (sd_model, our clone, the patcher it replaced)
+        report.unit = "model calls"
+        super().__init__(job, report)
+
+    def make_nag(self) -> ModelCalls:
+        return ModelCalls()
+
+    def negative_from(self, cond: Any) -> Any:
+        return cond  # Flux needs the pooled vector too
+
+    def hook(self, sd_model: Any) -> bool:
+        original = sd_model.forge_objects.unet
+        model = original.model.diffusion_model
+        if FORWARD in getattr(original, "object_patches", {}) or replaced_forward(model):
+            self.report.skipped = f"another extension replaces the {type(model).__name__} forward, which NAG would have to run"
+            return False
+        clone = original.clone()
+        negative, active = (lambda: self.nag.negative), (lambda _options: self.active)
+        clone.add_object_patch(FORWARD, nag_forward(model, negative, self.params, active, self.nag.count(self.report)))
+        sd_model.forge_objects.unet = clone
+        self.patched.append((sd_model, clone, original))
+        self.report.hooked = f"{len(model.double_blocks)} double + {len(model.single_blocks)} single blocks"
+        return True
+
+    def unhook(self) -> None:
+        self.active = False
+
+    def close(self) -> None:
+        super().close()
+        for sd_model, clone, original in self.patched:
+            if sd_model.forge_objects.unet is clone:
+                sd_model.forge_objects.unet = original
+        self.patched = []
+
+    def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
+        self.active = active

@@ -48,9 +48,10 @@ def infotext_has_nag(entries: dict) -> bool:
 @dataclass
 class PassReport:
     """What NAG did in one sampling pass: ``guided`` holds the steps in which it guided at least one
-    cross-attention call. Of the cross-attention ``calls`` inside the window, ``placed`` count those
-    whose rows were matched to the CFG batch and carry a positive prompt, ``unplaced`` those whose
-    rows could not be matched."""
+    call (a cross-attention call, or a model call where NAG runs the whole model: ``unit``). Of the
+    ``calls`` inside the window, ``placed`` count those whose rows were matched to the CFG batch and
+    carry a positive prompt, ``unplaced`` those whose rows could not be matched. ``hooked`` says what
+    NAG hooked."""
 
     is_hires: bool
     steps: int = 0
@@ -61,6 +62,8 @@ class PassReport:
     placed: int = 0
     unplaced: int = 0
     layers: int = 0
+    hooked: str = ""
+    unit: str = "cross-attention calls"
     skipped: str = ""
 
     @property
@@ -100,8 +103,9 @@ class JobReport:
             return f"{CONSOLE_PREFIX} skipped: {'; '.join(reasons)}"
         if not self.guided_calls():
             return f"{CONSOLE_PREFIX} not applied on {self.model}: {self.not_applied_reason(ran)}"
-        parts = [f"{p.name} {len(p.guided)}/{p.steps} steps guided ({p.guided_calls} cross-attention calls)" for p in ran]
-        line = f"{CONSOLE_PREFIX} active on {self.model}: {', '.join(parts)}, {max(p.layers for p in ran)} cross-attention layers hooked"
+        parts = [f"{p.name} {len(p.guided)}/{p.steps} steps guided ({p.guided_calls} {p.unit})" for p in ran]
+        hooked = ran[-1].hooked or f"{max(p.layers for p in ran)} cross-attention layers hooked"
+        line = f"{CONSOLE_PREFIX} active on {self.model}: {', '.join(parts)}, {hooked}"
         unplaced = sum(p.unplaced for p in ran)
         if unplaced:
             line += f"; {unplaced} of {unplaced + sum(p.placed for p in ran)} calls not guided: their rows could not be placed ({UNPLACED})"
@@ -111,7 +115,7 @@ class JobReport:
     def not_applied_reason(ran: list[PassReport]) -> str:
         placed, unplaced = sum(p.placed for p in ran), sum(p.unplaced for p in ran)
         if unplaced:
-            return f"{placed} of {placed + unplaced} cross-attention calls could be placed in the CFG batch ({UNPLACED})"
+            return f"{placed} of {placed + unplaced} {ran[-1].unit} could be placed in the CFG batch ({UNPLACED})"
         if not any(p.window for p in ran):
             return "no sampling step fell inside the NAG start/end window"
         if not any(p.calls for p in ran):
@@ -403,13 +407,14 @@ class NagJob:
             report.skipped = f"{self.params.hires_mode.lower()} mode"
             return
         self.report.model = model_family(shared.sd_model)
-        report.skipped = self.host.unsupported_reason(shared.sd_model)
-        if report.skipped:
+        pass_class = self.host.pass_for(shared.sd_model)
+        if pass_class is None:
+            report.skipped = self.host.unsupported_reason(shared.sd_model)
             return
-        self.pass_ = self.host.pass_class(self, report)
+        self.pass_ = pass_class(self, report)
         self.host.live = self
         if not self.pass_.hooked:
-            report.skipped = "no cross-attention layer could be hooked"
+            report.skipped = report.skipped or "no cross-attention layer could be hooked"
             self.end_pass()
 
     def end_pass(self) -> None:
@@ -437,7 +442,7 @@ class NagHost:
     """The extension's state in one WebUI process."""
 
     name = ""
-    pass_class: type[NagPass]
+    pass_class: type[NagPass]  # NAG on the cross-attention layers of a UNet
 
     def __init__(self) -> None:
         self.live: NagJob | None = None  # the job whose pass has hooks installed now, if any
@@ -445,6 +450,10 @@ class NagHost:
 
     def unet(self, sd_model: Any) -> torch.nn.Module | None:
         raise NotImplementedError
+
+    def pass_for(self, sd_model: Any) -> type[NagPass] | None:
+        """How NAG runs on this model (None: it cannot)."""
+        return self.pass_class if attn2_modules(self.unet(sd_model)) else None
 
     def unsupported_reason(self, sd_model: Any) -> str:
         return unsupported_reason(sd_model, len(attn2_modules(self.unet(sd_model))))
