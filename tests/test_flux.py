@@ -178,6 +178,9 @@ def test_the_pass_patches_a_clone_and_guides_inside_the_window(kind):
     assert line == "[NAG] active on Flux: first pass 1/10 steps guided (1 model calls), 2 double + 2 single blocks"
     again = flux_pass(kind, negative)  # Forge's unpatch left the model's own bound forward on it
     assert again.hooked
+    hires = flux_pass(kind, negative)  # a second pass on a patcher that already carries NAG's patch
+    assert hires.hooked
+    hires.close()
     again.close()
 
 

@@ -25,6 +25,7 @@ from . import webui
 from .forge import positive_rows
 
 FORWARD = "diffusion_model.forward"  # the object patch NAG adds to the pass's clone of the patcher
+NAG_FORWARD = "_nag_forward"  # marks the forward ``nag_forward`` builds
 
 Modulation = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # shift, scale, gate: [B, 1, D] each
 DoubleModulations = tuple[Modulation, Modulation]  # before the attention, before the MLP
@@ -333,14 +334,19 @@ def nag_forward(
             on_guided(True)
         return _image(out, x.shape[2], x.shape[3])
 
+    setattr(forward, NAG_FORWARD, True)
     return forward
 
 
-def replaced_forward(model: torch.nn.Module) -> bool:
-    """Whether another extension replaced the model's forward. Forge's unpatch sets the bound class
-    forward back as an instance attribute: that one is the model's own."""
-    forward = vars(model).get("forward")
-    return forward is not None and not (getattr(forward, "__func__", None) is type(model).forward and forward.__self__ is model)
+def neighbours_forward(model: torch.nn.Module, patcher: Any) -> bool:
+    """Whether another extension replaces the model's forward: an object patch, or an instance
+    forward that is neither NAG's (an earlier pass's patcher still loaded) nor the model's own bound
+    forward (which Forge's unpatch sets back as an instance attribute)."""
+    for forward in (getattr(patcher, "object_patches", {}).get(FORWARD), vars(model).get("forward")):
+        own = getattr(forward, "__func__", None) is type(model).forward and forward.__self__ is model
+        if forward is not None and not own and not getattr(forward, NAG_FORWARD, False):
+            return True
+    return False
 
 
 def is_flux_family(model: Any) -> bool:
@@ -386,7 +392,7 @@ class FluxPass(webui.NagPass):
     def hook(self, sd_model: Any) -> bool:
         original = sd_model.forge_objects.unet
         model = original.model.diffusion_model
-        if FORWARD in getattr(original, "object_patches", {}) or replaced_forward(model):
+        if neighbours_forward(model, original):
             self.report.skipped = f"another extension replaces the {type(model).__name__} forward, which NAG would have to run"
             return False
         clone = original.clone()
