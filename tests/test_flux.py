@@ -217,3 +217,15 @@ def test_a_switch_between_sdxl_and_flux_picks_each_models_pass():
     assert host.pass_for(forge_model(randomize_outputs(sd1_like_unet()))) is ForgePass
     assert host.pass_for(flux_sd_model("chroma")) is FluxPass
     assert host.pass_for(flux_sd_model("flux")) is FluxPass
+
+
+def test_another_hosts_flux_implementation_is_named_not_run():
+    """Forge Neo's Flux is a ComfyUI port (``forward_orig``, other block signatures)."""
+    comfy_style = flux_sd_model("flux")
+    model = comfy_style.forge_objects.unet.model.diffusion_model
+    model.forward_orig = model.inner_forward
+    host = ForgeHost.__new__(ForgeHost)
+    assert host.pass_for(comfy_style) is None
+    assert host.unsupported_reason(comfy_style) == (
+        "NAG runs Forge's own Flux and Chroma models; this host's IntegratedFluxTransformer2DModel is another one, not supported yet"
+    )

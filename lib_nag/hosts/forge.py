@@ -157,6 +157,14 @@ class ForgeHost(webui.NagHost):
 
         return FluxPass if is_flux_family(self.unet(sd_model)) else super().pass_for(sd_model)
 
+    def unsupported_reason(self, sd_model: Any) -> str:
+        from .forge_flux import is_joint_transformer
+
+        model = self.unet(sd_model)
+        if is_joint_transformer(model):
+            return f"NAG runs Forge's own Flux and Chroma models; this host's {type(model).__name__} is another one, not supported yet"
+        return super().unsupported_reason(sd_model)
+
 
 def forge_variant() -> str:
     """Which Forge, for the start-up line: by what the host ships, not by its name."""

@@ -349,9 +349,15 @@ def neighbours_forward(model: torch.nn.Module, patcher: Any) -> bool:
     return False
 
 
-def is_flux_family(model: Any) -> bool:
-    """Flux.1 or Chroma as Forge builds them: double- and single-stream block stacks."""
+def is_joint_transformer(model: Any) -> bool:
+    """A Flux-like model: double- and single-stream block stacks."""
     return all(hasattr(model, name) for name in ("double_blocks", "single_blocks", "txt_in", "img_in"))
+
+
+def is_flux_family(model: Any) -> bool:
+    """Flux.1 or Chroma as Forge main builds them (``inner_forward``; Neo's ComfyUI port has
+    ``forward_orig`` and other block signatures, which ``nag_forward`` does not run)."""
+    return is_joint_transformer(model) and hasattr(model, "inner_forward") and not hasattr(model, "forward_orig")
 
 
 class ModelCalls:
