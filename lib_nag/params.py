@@ -133,9 +133,9 @@ def from_args(args: Sequence[Any], overrides: Mapping[str, Any] | None = None) -
     return from_dict({**named_args(args), **(overrides or {})})
 
 
-def ignored_enabled(values: Mapping[str, Any]) -> str:
+def ignored_enabled(args: Sequence[Any], overrides: Mapping[str, Any] | None = None) -> str:
     """Why an ``enabled`` that is neither a boolean nor missing left NAG off ("" when it is either)."""
-    value = values.get("enabled")
+    value = {**named_args(args), **(overrides or {})}.get("enabled")
     if value is None or isinstance(value, bool):
         return ""
     return (

@@ -56,7 +56,7 @@ def test_anything_but_enabled_true_reads_as_off_and_reads_nothing_else(enabled):
     assert nag.from_args([enabled, *GARBAGE.values()]) == DEFAULTS  # a longer list than NAG's 8
     assert nag.from_args([{"enabled": enabled, **GARBAGE}]) == DEFAULTS
     assert nag.from_args([enabled]) == DEFAULTS
-    noted = nag.ignored_enabled({"enabled": enabled})
+    noted = nag.ignored_enabled([], {"enabled": enabled})
     assert bool(noted) == (enabled is not None and not isinstance(enabled, bool))
     if noted:
         assert noted.startswith(f"off: NAG enabled (enabled) is {enabled!r}, not true or false")

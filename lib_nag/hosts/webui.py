@@ -21,12 +21,6 @@ JOB_ATTRIBUTE = "nag_job"
 CONSOLE_PREFIX = "[NAG]"
 
 
-def job_values(p: Any, args: Sequence[Any]) -> dict[str, Any]:
-    """The job's NAG settings by name, unchecked: the script's arguments (UI, API list or API
-    dict), then any XYZ-plot overrides the cell's ``p`` carries."""
-    return {**nag_params.named_args(args), **getattr(p, XYZ_ATTRIBUTE, {})}
-
-
 def set_xyz_override(p: Any, name: str, value: Any) -> None:
     """Override one field for an XYZ cell. XYZ cells are shallow copies of one ``p``, so the
     dict is replaced, never edited in place."""
@@ -461,14 +455,15 @@ class NagHost:
     def start_job(self, p: Any, args: tuple) -> None:
         if self.live is not None:  # a pass installed outside p.sample (A1111 < 1.10) by a job that then failed
             self.live.end(report=False)
+        # The script's arguments (UI, API list or API dict), then the XYZ-plot cell's overrides.
+        overrides = getattr(p, XYZ_ATTRIBUTE, {})
         try:
-            values = job_values(p, args)
-            params = nag_params.from_dict(values)
+            params = nag_params.from_args(args, overrides)
         except NagParamError as error:
             print(JobReport(error=str(error)).line())
             raise_on_sampling(p, error)
             return
-        if note := nag_params.ignored_enabled(values):
+        if note := nag_params.ignored_enabled(args, overrides):
             print(f"{CONSOLE_PREFIX} {note}")
         write_infotext(p, None)
         if params.enabled:
