@@ -3,7 +3,10 @@
 NAGSingleStreamBlock, chroma/model.py NAGChroma, utils.py cat_context): the NAG rows are appended to
 the batch, both text contexts are brought to one length by repeating them (the padding in front),
 and the padding is cut before each attention. It runs a float64 copy of a stand-in model, whose last
-``len(nag_context)`` rows are the positive ones (the ComfyUI layout)."""
+``len(nag_context)`` rows are the positive ones (the ComfyUI layout). Flux.1 Kontext as NAGFlux.forward:
+the reference latents' tokens (ComfyUI's "offset" ids: index 1, offsets past the earlier references)
+are appended to the image tokens, go through the blocks as image tokens (their q/k/v reused by the
+NAG rows, their attention output guided) and are cut after the final layer."""
 
 import copy
 import math
@@ -40,6 +43,14 @@ def rope_attention(q, k, v, pe):
 
 def triple(chunks):
     return SimpleNamespace(shift=chunks[0], scale=chunks[1], gate=chunks[2])
+
+
+def unpacked(modulation):
+    """A Modulation layer's output as shift/scale/gate objects: Forge main's tensors (6 or 3), or
+    the ModulationOut objects of the ComfyUI port (a single block's second one is None)."""
+    if isinstance(modulation[0], torch.Tensor):
+        return [triple(modulation[start : start + 3]) for start in range(0, len(modulation), 3)]
+    return [m for m in modulation if m is not None]
 
 
 def split_qkv(qkv, heads):
@@ -91,23 +102,38 @@ def nag_single(block, x, mod, pe, pe_negative, txt_length, bn, pads, nag):
     return x
 
 
-def process_img(x):
+def process_img(x, index=0, h_offset=0, w_offset=0):
     bs, _, h, w = x.shape
     x = torch.nn.functional.pad(x, (0, w % 2, 0, h % 2), mode="circular")
     img = rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
     rows, columns = torch.meshgrid(torch.arange((h + 1) // 2), torch.arange((w + 1) // 2), indexing="ij")
-    ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(1, -1, 3).to(x).repeat(bs, 1, 1)
+    rows, columns = rows + (h_offset + 1) // 2, columns + (w_offset + 1) // 2
+    ids = torch.stack([torch.full_like(rows, index), rows, columns], dim=-1).reshape(1, -1, 3).to(x).repeat(bs, 1, 1)
     return img, ids
 
 
-def reference_joint(model, x, timestep, context, nag_context, nag, y=None, nag_y=None, guidance=None):
+def with_references(img, img_ids, refs):
+    """ComfyUI's Flux.forward with ``ref_latents`` ("offset"): each reference's tokens appended."""
+    h = w = 0
+    for ref in refs:
+        h_offset, w_offset = (0, w) if ref.shape[-2] + h > ref.shape[-1] + w else (h, 0)
+        tokens, ids = process_img(ref, index=1, h_offset=h_offset, w_offset=w_offset)
+        img, img_ids = torch.cat((img, tokens), 1), torch.cat((img_ids, ids), 1)
+        h, w = max(h, ref.shape[-2] + h_offset), max(w, ref.shape[-1] + w_offset)
+    return img, img_ids
+
+
+def reference_joint(model, x, timestep, context, nag_context, nag, y=None, nag_y=None, guidance=None, refs=()):
     """The model's output with NAG on the last ``len(nag_context)`` rows, in float64 (returned as x's
-    dtype). ``nag`` is (scale, tau, alpha); ``y``/``nag_y``/``guidance`` are Flux's."""
+    dtype). ``nag`` is (scale, tau, alpha); ``y``/``nag_y``/``guidance`` are Flux's, ``refs`` Kontext's
+    reference latents (one row per row of ``x``); ``timestep`` is the one the blocks embed."""
     model = copy.deepcopy(model).double()
     dtype, (x, timestep, context, nag_context) = x.dtype, (t.double() for t in (x, timestep, context, nag_context))
     is_chroma = hasattr(model, "distribute_modulations")
     bn, (h, w) = len(nag_context), x.shape[2:]
     img, img_ids = process_img(x)
+    img_tokens = img.shape[1]
+    img, img_ids = with_references(img, img_ids, [ref.double() for ref in refs])
     txt, *pads = cat_context(context, nag_context)
     img = model.img_in(img)
     pe = model.pe_embedder(torch.cat((torch.zeros(len(x), context.shape[1], 3).double(), img_ids), 1))
@@ -139,17 +165,14 @@ def reference_joint(model, x, timestep, context, nag_context, nag, y=None, nag_y
         vec = torch.cat((vec, vec[-bn:]))
         vec = vec + model.vector_in(torch.cat((y, nag_y)).double())
 
-        def halves(mod):
-            return triple(mod[:3]), triple(mod[3:])
-
-        double_mods = [(halves(b.img_mod(vec[:-bn])), halves(b.txt_mod(vec))) for b in model.double_blocks]
-        single_mods = [triple(b.modulation(vec)) for b in model.single_blocks]
+        double_mods = [(unpacked(b.img_mod(vec[:-bn])), unpacked(b.txt_mod(vec))) for b in model.double_blocks]
+        single_mods = [unpacked(b.modulation(vec))[0] for b in model.single_blocks]
         final = vec[:-bn]
     for block, (img_mods, txt_mods) in zip(model.double_blocks, double_mods, strict=True):
         img, txt = nag_double(block, img, txt, img_mods, txt_mods, pe, pe_negative, pads, nag)
     stream = torch.cat((txt, torch.cat((img, img[-bn:]))), 1)
     for block, mod in zip(model.single_blocks, single_mods, strict=True):
         stream = nag_single(block, stream, mod, pe, pe_negative, txt.shape[1], bn, pads, nag)
-    out = model.final_layer(stream[:-bn, txt.shape[1] :], final)
+    out = model.final_layer(stream[:-bn, txt.shape[1] :], final)[:, :img_tokens]
     image = rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=(h + 1) // 2, w=(w + 1) // 2, ph=2, pw=2)[:, :, :h, :w]
     return image.to(dtype)

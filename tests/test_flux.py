@@ -1,10 +1,12 @@
 """NAG on Flux.1 and Chroma through lib_nag.hosts.forge_flux, on tiny stand-ins of Forge main's
-backend/nn/flux.py and chroma.py, against the ComfyUI-NAG reference (tests/reference_joint.py)."""
+backend/nn/flux.py and chroma.py and of Forge Neo's Flux.1 (backend/nn/flux_neo.py, Kontext too),
+against the ComfyUI-NAG reference (tests/reference_joint.py)."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
+from backend.nn import flux_neo
 from backend.nn.chroma import IntegratedChromaTransformer2DModel
 from backend.nn.flux import IntegratedFluxTransformer2DModel
 from backend.patcher.unet import UnetPatcher
@@ -14,7 +16,7 @@ from test_forge import denoiser_step, forge_model
 from unets import randomize_outputs, sd1_like_unet
 
 from lib_nag.hosts.forge import ForgeHost, ForgePass
-from lib_nag.hosts.forge_flux import FORWARD, FluxPass, nag_forward
+from lib_nag.hosts.forge_flux import FluxPass, entry_point, nag_forward
 from lib_nag.hosts.webui import JobReport, PassReport
 from lib_nag.params import NagParams
 
@@ -34,6 +36,9 @@ def randomized(model):
 def tiny_model(kind):
     if kind == "flux":
         return randomized(IntegratedFluxTransformer2DModel(4, POOLED, T5, qkv_bias=True, guidance_embed=True, **SIZES))
+    if kind == "neo":
+        flux1 = {"patch_size": 2, "qkv_bias": True, "guidance_embed": True, "txt_ids_dims": []}
+        return randomized(flux_neo.IntegratedFluxTransformer2DModel(4, 4, POOLED, T5, **flux1, **SIZES))
     return randomized(
         IntegratedChromaTransformer2DModel(4, T5, qkv_bias=True, guidance_out_dim=64, guidance_hidden_dim=32, guidance_n_layers=2, **SIZES)
     )
@@ -43,8 +48,10 @@ def batch(kind, chunks, negative_tokens=5):
     """A call's arguments for ``chunks`` (cond_or_uncond), 2 images of 5×6 latents (odd: padded), and
     a NAG negative per image."""
     rows, sigmas = IMAGES * len(chunks), torch.rand(IMAGES)
-    # As Forge's calc_cond_uncond_batch: the timestep repeated per chunk, ``sigmas`` one per image.
-    arguments = {"x": torch.randn(rows, 4, 5, 6), "timestep": sigmas.repeat(len(chunks)), "context": torch.randn(rows, PROMPT_TOKENS, T5)}
+    # As Forge's calc_cond_uncond_batch: the timestep repeated per chunk, ``sigmas`` one per image;
+    # Neo's Flux predictor gives the model sigma·1000 (its forward divides by 1000).
+    timestep = sigmas.repeat(len(chunks)) * (1000 if kind == "neo" else 1)
+    arguments = {"x": torch.randn(rows, 4, 5, 6), "timestep": timestep, "context": torch.randn(rows, PROMPT_TOKENS, T5)}
     options = {"transformer_options": {"cond_or_uncond": chunks, "sigmas": sigmas}}
     if kind == "chroma":
         return arguments | options, torch.randn(IMAGES, negative_tokens, T5)
@@ -55,16 +62,28 @@ def batch(kind, chunks, negative_tokens=5):
     }
 
 
-def guided(model, negative, params=PARAMS, is_active=lambda options: True, calls=None):
-    return nag_forward(model, lambda: negative, params, is_active, None if calls is None else calls.append)
+def guided(model, negative, arguments, params=PARAMS, is_active=lambda options: True, calls=None):
+    """The model called with NAG's replacement of its entry point in place (what was there set back)."""
+    name = entry_point(model)
+    before = vars(model).get(name)
+    setattr(model, name, nag_forward(model, lambda: negative, params, is_active, None if calls is None else calls.append))
+    try:
+        return model(**arguments)
+    finally:
+        delattr(model, name)
+        if before is not None:
+            setattr(model, name, before)
 
 
-def reference(model, kind, arguments, negative):
-    """The reference on the call's rows reordered so that the cond chunks come last (ComfyUI's layout)."""
+def reference(model, kind, arguments, negative, refs=()):
+    """The reference on the call's rows reordered so that the cond chunks come last (ComfyUI's layout);
+    on Neo with its timestep /1000 and the Kontext references ``refs``."""
     chunks = arguments["transformer_options"]["cond_or_uncond"]
     cond = [c * IMAGES + j for c, label in enumerate(chunks) if label == 0 for j in range(IMAGES)]
     order = [r for r in range(IMAGES * len(chunks)) if r not in cond] + cond
     rows = {name: arguments[name][order] for name in ("x", "timestep", "context")}
+    rows["timestep"] = rows["timestep"] / (1000 if kind == "neo" else 1)
+    rows["refs"] = [ref[order] for ref in refs]
     images = [r % IMAGES for r in cond]
     if kind == "chroma":
         out = reference_joint(model, **rows, nag_context=negative[images], nag=NAG)
@@ -80,7 +99,7 @@ def relative(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-KINDS = ["flux", "chroma"]
+KINDS = ["flux", "chroma", "neo"]
 LAYOUTS = {"cond only": [0], "uncond, cond": [1, 0], "cond, uncond": [0, 1]}
 
 
@@ -91,7 +110,7 @@ def test_matches_the_authors_formulation_and_leaves_uncond_rows_alone(kind, chun
     model = tiny_model(kind)
     arguments, negative = batch(kind, chunks, negative_tokens)
     calls = []
-    out = guided(model, negative, calls=calls)(**arguments)
+    out = guided(model, negative, arguments, calls=calls)
     stock = model(**arguments)
 
     expected = reference(model, kind, arguments, negative)
@@ -109,9 +128,9 @@ def test_without_a_cond_chunk_or_outside_the_window_the_model_runs_its_own_forwa
     model = tiny_model(kind)
     arguments, negative = batch(kind, [1])
     calls = []
-    assert torch.equal(guided(model, negative, calls=calls)(**arguments), model(**arguments))
+    assert torch.equal(guided(model, negative, arguments, calls=calls), model(**arguments))
     arguments, negative = batch(kind, [1, 0])
-    assert torch.equal(guided(model, negative, is_active=lambda options: False, calls=calls)(**arguments), model(**arguments))
+    assert torch.equal(guided(model, negative, arguments, is_active=lambda options: False, calls=calls), model(**arguments))
     assert calls == []
 
 
@@ -120,7 +139,7 @@ def test_a_nag_negative_equal_to_the_prompt_changes_nothing(kind, record_differe
     model = tiny_model(kind)
     arguments, _ = batch(kind, [0])
     negative = arguments["context"] if kind == "chroma" else {"crossattn": arguments["context"], "vector": arguments["y"]}
-    difference = relative(guided(model, negative)(**arguments), model(**arguments))
+    difference = relative(guided(model, negative, arguments), model(**arguments))
     record_difference(difference)
     assert difference <= 1e-5
 
@@ -129,7 +148,7 @@ def test_a_nag_negative_equal_to_the_prompt_changes_nothing(kind, record_differe
 def test_scale_one_changes_nothing(kind, record_difference):
     model = tiny_model(kind)
     arguments, negative = batch(kind, [1, 0])
-    difference = relative(guided(model, negative, NagParams(enabled=True, scale=1.0))(**arguments), model(**arguments))
+    difference = relative(guided(model, negative, arguments, NagParams(enabled=True, scale=1.0)), model(**arguments))
     record_difference(difference)
     assert difference <= 1e-6
 
@@ -160,12 +179,12 @@ def test_the_pass_patches_a_clone_and_guides_inside_the_window(kind):
     assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), shared.sd_model) is FluxPass
     nag_pass = flux_pass(kind, negative, NagParams(enabled=True, end=0.5))
     patcher = shared.sd_model.forge_objects.unet
-    assert patcher is not original and not original.object_patches and "forward" not in vars(model)
+    assert patcher is not original and not original.object_patches and entry_point(model) not in vars(model)
     patcher.forge_patch_model()  # Forge loads the pass's patcher for sampling
     try:
         denoiser_step(nag_pass, 0)
         first = model(**arguments)
-        expected = guided(model, negative)(**arguments)
+        expected = guided(model, negative, arguments)
         assert torch.equal(first, expected) and torch.equal(first[:IMAGES], stock[:IMAGES])
         denoiser_step(nag_pass, 5)  # past the end: the model's own forward
         assert torch.equal(model(**arguments), stock)
@@ -186,7 +205,7 @@ def test_the_pass_patches_a_clone_and_guides_inside_the_window(kind):
 
 def test_the_pass_stands_aside_when_another_extension_replaced_the_forward():
     shared.sd_model = flux_sd_model("flux")
-    shared.sd_model.forge_objects.unet.add_object_patch(FORWARD, lambda *args, **kwargs: None)
+    shared.sd_model.forge_objects.unet.add_object_patch("diffusion_model.forward", lambda *args, **kwargs: None)
     _arguments, negative = batch("flux", [0])
     nag_pass = flux_pass("flux", negative)
     assert not nag_pass.hooked

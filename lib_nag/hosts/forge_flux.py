@@ -1,12 +1,20 @@
 """NAG for Flux.1 and Chroma on Forge (``backend/nn/flux.py`` and ``backend/nn/chroma.py``, read at
-Forge main dfdcbab6), as the authors' ComfyUI-NAG does it (see ``lib_nag.joint_attention``).
+Forge main dfdcbab6) and for Flux.1 and Flux.1 Kontext on Forge Neo (its ComfyUI port,
+``backend/nn/flux.py`` read at 06d6af9a), as the authors' ComfyUI-NAG does it (see
+``lib_nag.joint_attention``).
 
-``nag_forward`` builds a replacement for the diffusion model's ``forward``. When a call's batch has
-cond chunks and NAG is active, it runs the model's forward itself with one NAG row per positive row
-(text: the NAG negative prompt; Flux's pooled vector: the NAG negative's; time, guidance and Chroma's
-modulations: the positive row's), calling the host's own block modules' submodules (so quantized and
-LoRA weights work) and the host's attention. Otherwise it calls the model's own forward. Rows that
-are not positive get exactly what the host computes.
+``nag_forward`` builds a replacement for the diffusion model's entry point: Forge main's ``forward``,
+or Neo's ``forward_orig`` (Neo's own ``forward`` then makes the patches, ids and Kontext reference
+tokens and cuts the reference tokens from the output). When a call's batch has cond chunks and NAG
+is active, it runs the blocks itself with one NAG row per positive row (text: the NAG negative
+prompt; Flux's pooled vector: the NAG negative's; time, guidance and Chroma's modulations: the
+positive row's), calling the host's own block modules' submodules (so quantized and LoRA weights
+work), the host's attention and modulation arithmetic. Otherwise it calls the model's own entry
+point. Rows that are not positive get exactly what the host computes.
+
+Kontext's reference tokens are image-stream tokens, as in the authors' NAGFlux: the NAG rows reuse
+their positive rows' reference q/k/v, the reference tokens' attention output is guided with the rest
+of the image, and the host drops them at the end (``out[:, :img_tokens]``).
 """
 
 from __future__ import annotations
@@ -24,12 +32,12 @@ from ..params import NagParams
 from . import webui
 from .forge import positive_rows
 
-FORWARD = "diffusion_model.forward"  # the object patch NAG adds to the pass's clone of the patcher
 NAG_FORWARD = "_nag_forward"  # marks the forward ``nag_forward`` builds
 
 Modulation = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # shift, scale, gate: [B, 1, D] each
 DoubleModulations = tuple[Modulation, Modulation]  # before the attention, before the MLP
 Forward = Callable[..., torch.Tensor]
+ApplyMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (normed x, 1 + scale, shift)
 
 
 @dataclass(frozen=True)
@@ -42,11 +50,21 @@ class _Call:
     attend: Attend
     fp16_fix: Callable[[torch.Tensor], torch.Tensor]
     params: NagParams
+    apply_mod: ApplyMod  # the host's modulation arithmetic
+    image_before_single_stack: Callable[[torch.Tensor], torch.Tensor]  # Neo fp16-fixes it, Forge main does not
+
+    def modulated(self, x: torch.Tensor, norm: torch.nn.Module, modulation: Modulation) -> torch.Tensor:
+        shift, scale, _ = modulation
+        return self.apply_mod(norm(x), 1 + scale, shift)
 
 
-def _modulated(x: torch.Tensor, norm: torch.nn.Module, modulation: Modulation) -> torch.Tensor:
-    shift, scale, _ = modulation
-    return (1 + scale) * norm(x) + shift
+def _scale_and_shift(normed: torch.Tensor, scale_plus_one: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Forge main's modulation, ``(1 + scale) * norm(x) + shift`` (Neo's ``apply_mod`` is one ``addcmul``)."""
+    return scale_plus_one * normed + shift
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _heads(qkv: torch.Tensor, heads: int) -> QKV:
@@ -60,19 +78,20 @@ def _normed(qkv: QKV, norm: torch.nn.Module) -> QKV:
     return QKV(q, k, qkv.v)
 
 
-def _stream_qkv(block: torch.nn.Module, stream: str, x: torch.Tensor, modulation: Modulation) -> QKV:
+def _stream_qkv(block: torch.nn.Module, stream: str, x: torch.Tensor, modulation: Modulation, call: _Call) -> QKV:
     """q, k, v of one stream (``img`` or ``txt``) of a double-stream block."""
     attn = getattr(block, f"{stream}_attn")
-    return _normed(_heads(attn.qkv(_modulated(x, getattr(block, f"{stream}_norm1"), modulation)), block.num_heads), attn.norm)
+    return _normed(_heads(attn.qkv(call.modulated(x, getattr(block, f"{stream}_norm1"), modulation)), block.num_heads), attn.norm)
 
 
 def _stream_update(
-    block: torch.nn.Module, stream: str, x: torch.Tensor, attn_out: torch.Tensor, modulations: DoubleModulations
+    block: torch.nn.Module, stream: str, x: torch.Tensor, attn_out: torch.Tensor, modulations: DoubleModulations, call: _Call
 ) -> torch.Tensor:
-    """The residual updates of one stream of a double-stream block: attention, then MLP."""
+    """The residual updates of one stream of a double-stream block: attention, then MLP (new tensors,
+    where Neo adds in place: the values are the same)."""
     first, second = modulations
     x = x + first[2] * getattr(block, f"{stream}_attn").proj(attn_out)
-    return x + second[2] * getattr(block, f"{stream}_mlp")(_modulated(x, getattr(block, f"{stream}_norm2"), second))
+    return x + second[2] * getattr(block, f"{stream}_mlp")(call.modulated(x, getattr(block, f"{stream}_norm2"), second))
 
 
 def _double_block(
@@ -86,9 +105,9 @@ def _double_block(
     img, txt, txt_negative = streams
     img_mods, txt_mods, txt_negative_mods = modulations
     txt_out, txt_negative_out, img_out = double_stream_attention(
-        _stream_qkv(block, "txt", txt, txt_mods[0]),
-        _stream_qkv(block, "txt", txt_negative, txt_negative_mods[0]),
-        _stream_qkv(block, "img", img, img_mods[0]),
+        _stream_qkv(block, "txt", txt, txt_mods[0], call),
+        _stream_qkv(block, "txt", txt_negative, txt_negative_mods[0], call),
+        _stream_qkv(block, "img", img, img_mods[0], call),
         call.positive,
         call.pe,
         call.pe_negative,
@@ -96,14 +115,15 @@ def _double_block(
         call.params,
     )
     return (
-        _stream_update(block, "img", img, img_out, img_mods),
-        call.fp16_fix(_stream_update(block, "txt", txt, txt_out, txt_mods)),
-        call.fp16_fix(_stream_update(block, "txt", txt_negative, txt_negative_out, txt_negative_mods)),
+        _stream_update(block, "img", img, img_out, img_mods, call),
+        call.fp16_fix(_stream_update(block, "txt", txt, txt_out, txt_mods, call)),
+        call.fp16_fix(_stream_update(block, "txt", txt_negative, txt_negative_out, txt_negative_mods, call)),
     )
 
 
-def _single_inputs(block: torch.nn.Module, x: torch.Tensor, modulation: Modulation) -> tuple[QKV, torch.Tensor]:
-    qkv, mlp = torch.split(block.linear1(_modulated(x, block.pre_norm, modulation)), [3 * block.hidden_size, block.mlp_hidden_dim], dim=-1)
+def _single_inputs(block: torch.nn.Module, x: torch.Tensor, modulation: Modulation, call: _Call) -> tuple[QKV, torch.Tensor]:
+    split = [3 * block.hidden_size, block.mlp_hidden_dim]
+    qkv, mlp = torch.split(block.linear1(call.modulated(x, block.pre_norm, modulation)), split, dim=-1)
     return _normed(_heads(qkv, block.num_heads), block.norm), mlp
 
 
@@ -123,8 +143,8 @@ def _single_block(
     """A ``SingleStreamBlock`` on the batch and the NAG rows (``[text; image]`` tokens each): both
     get the guided image attention output, each keeps its own MLP half and gate."""
     (x, x_negative), (modulation, modulation_negative) = streams, modulations
-    qkv, mlp = _single_inputs(block, x, modulation)
-    qkv_negative, mlp_negative = _single_inputs(block, x_negative, modulation_negative)
+    qkv, mlp = _single_inputs(block, x, modulation, call)
+    qkv_negative, mlp_negative = _single_inputs(block, x_negative, modulation_negative, call)
     out, out_negative = single_stream_attention(
         qkv, qkv_negative, *txt_lengths, call.positive, call.pe, call.pe_negative, call.attend, call.params
     )
@@ -145,8 +165,16 @@ class _Modulations(Protocol):
     def final(self, model: torch.nn.Module, img: torch.Tensor) -> torch.Tensor: ...
 
 
-def _halves(six: tuple[torch.Tensor, ...]) -> DoubleModulations:
-    return six[:3], six[3:]
+def _triple(modulation: Any) -> Modulation:
+    return modulation.shift, modulation.scale, modulation.gate
+
+
+def _triples(out: tuple) -> tuple[Modulation, ...]:
+    """A ``Modulation`` layer's output as (shift, scale, gate) triples: Forge main's 6 or 3 tensors,
+    or Neo's ``(ModulationOut, ModulationOut | None)``."""
+    if isinstance(out[0], torch.Tensor):
+        return tuple(tuple(out[start : start + 3]) for start in range(0, len(out), 3))
+    return tuple(_triple(modulation) for modulation in out if modulation is not None)
 
 
 @dataclass(frozen=True)
@@ -157,17 +185,13 @@ class _FluxModulations:
     vec_negative: torch.Tensor
 
     def double(self, index: int, block: torch.nn.Module) -> tuple[DoubleModulations, DoubleModulations, DoubleModulations]:
-        return _halves(block.img_mod(self.vec)), _halves(block.txt_mod(self.vec)), _halves(block.txt_mod(self.vec_negative))
+        return _triples(block.img_mod(self.vec)), _triples(block.txt_mod(self.vec)), _triples(block.txt_mod(self.vec_negative))
 
     def single(self, index: int, block: torch.nn.Module) -> tuple[Modulation, Modulation]:
-        return block.modulation(self.vec), block.modulation(self.vec_negative)
+        return _triples(block.modulation(self.vec))[0], _triples(block.modulation(self.vec_negative))[0]
 
     def final(self, model: torch.nn.Module, img: torch.Tensor) -> torch.Tensor:
         return model.final_layer(img, self.vec)
-
-
-def _triple(modulation: Any) -> Modulation:
-    return modulation.shift, modulation.scale, modulation.gate
 
 
 @dataclass(frozen=True)
@@ -199,6 +223,7 @@ def _blocks(
     for index, block in enumerate(model.double_blocks):
         streams = _double_block(block, streams, modulations.double(index, block), call)
     img, txt, txt_negative = streams
+    img = call.image_before_single_stack(img)
     txt_lengths = (txt.shape[1], txt_negative.shape[1])
     pair = (torch.cat((txt, img), 1), torch.cat((txt_negative, call.positive.take(img)), 1))
     for index, block in enumerate(model.single_blocks):
@@ -228,8 +253,9 @@ def _flux_modulations(model: torch.nn.Module, host: Any, call_inputs: _Inputs, y
         if call_inputs.guidance is None:
             raise ValueError("Didn't get guidance strength for guidance distilled model.")
         vec = vec + model.guidance_in(host.timestep_embedding(call_inputs.guidance, 256).to(dtype))
-    vec_negative = call_inputs.positive.take(vec) + model.vector_in(y_negative)
-    return _FluxModulations(vec + model.vector_in(call_inputs.y), vec_negative)
+    width = getattr(model, "vec_in_dim", None)  # Neo cuts the pooled vector to it
+    vec_negative = call_inputs.positive.take(vec) + model.vector_in(y_negative[:, :width])
+    return _FluxModulations(vec + model.vector_in(call_inputs.y[:, :width]), vec_negative)
 
 
 def _chroma_modulations(model: torch.nn.Module, host: Any, call_inputs: _Inputs) -> _Modulations:
@@ -280,6 +306,129 @@ def _flux_conditioning(y: torch.Tensor, guidance: torch.Tensor | None = None, **
     return y, guidance
 
 
+def _is_comfy_port(model: Any) -> bool:
+    """Forge Neo's Flux is a port of ComfyUI's: ``forward`` makes the tokens, ``forward_orig`` runs the blocks."""
+    return hasattr(model, "forward_orig")
+
+
+def entry_point(model: Any) -> str:
+    """The model's method ``nag_forward`` replaces."""
+    return "forward_orig" if _is_comfy_port(model) else "forward"
+
+
+def object_patch_name(model: Any) -> str:
+    """The object patch NAG adds to the pass's clone of the patcher."""
+    return f"diffusion_model.{entry_point(model)}"
+
+
+def _neo_runs_blocks_only(model: torch.nn.Module, options: dict, y: Any, guidance: Any, control: Any, attn_mask: Any) -> bool:
+    """Whether Neo's ``forward_orig`` would only run the Flux.1 blocks on this call, as NAG does: no
+    ControlNet residuals, attention mask, ``post_input`` or ``dit`` block patches, and the pooled
+    vector and (for a guidance-distilled model) the guidance that NAG's rows take."""
+    patched = "post_input" in options.get("patches", {}) or bool(options.get("patches_replace", {}).get("dit"))
+    has_inputs = y is not None and (guidance is not None or not model.guidance_embed)
+    return control is None and attn_mask is None and not patched and has_inputs
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """One call's token sequences before the input layers: the image's patches (on Neo followed by the
+    Kontext reference tokens), the T5 context, and their position ids."""
+
+    img: torch.Tensor
+    img_ids: torch.Tensor
+    txt: torch.Tensor
+    txt_ids: torch.Tensor
+
+
+class _NagRunner:
+    """The guided entry points of one model: Forge main's ``forward`` and Neo's ``forward_orig``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        negative: Callable[[], torch.Tensor | dict[str, torch.Tensor]],
+        params: NagParams,
+        is_active: Callable[[dict], bool],
+        on_guided: Callable[[bool], None] | None,
+    ) -> None:
+        self.model, self.negative, self.params, self.is_active, self.on_guided = model, negative, params, is_active, on_guided
+        self.host = sys.modules[type(model).__module__]
+        self.is_chroma = hasattr(model, "distribute_modulations")
+
+    def positive(self, n: torch.Tensor, context: torch.Tensor, options: dict) -> PositiveRows | None:
+        """The positive rows of a call NAG guides; ``None`` outside the window or without a cond chunk."""
+        if not self.is_active(options):
+            return None
+        placed, positive = positive_rows(n, context, options)
+        if not placed and self.on_guided is not None:
+            self.on_guided(False)
+        return positive
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Forge main's ``forward``: patches and ids as the host makes them, the blocks, unpatched."""
+        positive = self.positive(x, context, kwargs.get("transformer_options") or {})
+        if positive is None:
+            return type(self.model).forward(self.model, x, timestep, context, *args, **kwargs)
+        img, img_ids = _patches(x)
+        y, guidance = (None, None) if self.is_chroma else _flux_conditioning(*args, **kwargs)
+        tokens = _Tokens(img, img_ids, context, _text_ids(x.shape[0], context.shape[1], x))
+        return _image(self.blocks(tokens, positive, timestep, y, guidance), x.shape[2], x.shape[3])
+
+    def forward_orig(
+        self,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor | None,
+        guidance: torch.Tensor | None = None,
+        control: Any = None,
+        transformer_options: dict | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Neo's ``forward_orig``, called by Neo's ``forward`` with the tokens (Kontext's included) and
+        the timestep /1000; the step window is the pass's, read from ``transformer_options``."""
+        options = transformer_options if transformer_options is not None else {}
+        arguments = (img, img_ids, txt, txt_ids, timesteps, y, guidance, control, options, attn_mask)
+        positive = self.positive(img, txt, options)
+        if positive is None or not _neo_runs_blocks_only(self.model, options, y, guidance, control, attn_mask):
+            return type(self.model).forward_orig(self.model, *arguments)
+        return self.blocks(_Tokens(img, img_ids, txt, txt_ids), positive, timesteps, y, guidance)
+
+    def blocks(
+        self, tokens: _Tokens, positive: PositiveRows, timestep: torch.Tensor, y: torch.Tensor | None, guidance: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The input layers, both block stacks with the NAG rows and the final layer: ``[rows, tokens, C·4]``."""
+        model, host = self.model, self.host
+        img = model.img_in(tokens.img)
+        inputs = _Inputs(positive, timestep, y, guidance, img.shape[0], img.device, img.dtype)
+        conditioning = self.negative()
+        if self.is_chroma:
+            modulations, context_negative = _chroma_modulations(model, host, inputs), webui.crossattn(conditioning)
+        else:
+            modulations = _flux_modulations(model, host, inputs, positive.negatives(conditioning["vector"].to(y)))
+            context_negative = conditioning["crossattn"]
+        txt_negative = positive.negatives(context_negative.to(tokens.txt))  # on the call's device before indexing
+        txt_ids_negative = tokens.txt_ids.new_zeros((len(positive), txt_negative.shape[1], tokens.txt_ids.shape[2]))
+        is_neo = _is_comfy_port(model)
+        call = _Call(
+            positive,
+            model.pe_embedder(torch.cat((tokens.txt_ids, tokens.img_ids), dim=1)),
+            model.pe_embedder(torch.cat((txt_ids_negative, positive.take(tokens.img_ids)), dim=1)),
+            host.attention,
+            host.fp16_fix,
+            self.params,
+            host.apply_mod if is_neo else _scale_and_shift,
+            host.fp16_fix if is_neo else _unchanged,
+        )
+        out = _blocks(model, img, model.txt_in(tokens.txt), model.txt_in(txt_negative), modulations, call)
+        if self.on_guided is not None:
+            self.on_guided(True)
+        return out
+
+
 def nag_forward(
     model: torch.nn.Module,
     negative: Callable[[], torch.Tensor | dict[str, torch.Tensor]],
@@ -287,65 +436,36 @@ def nag_forward(
     is_active: Callable[[dict], bool],
     on_guided: Callable[[bool], None] | None = None,
 ) -> Forward:
-    """A replacement for ``model.forward`` (a Forge ``IntegratedFluxTransformer2DModel`` or
-    ``IntegratedChromaTransformer2DModel``) that guides the cond rows with NAG.
+    """A replacement for the model's ``entry_point`` (a Forge ``IntegratedFluxTransformer2DModel`` or
+    ``IntegratedChromaTransformer2DModel``: ``forward``; Neo's Flux.1: ``forward_orig``) that guides
+    the cond rows with NAG.
 
     ``negative()`` is the NAG negative now, one row per image of the batch: for Flux the conditioning
     dict (``crossattn [images, tokens, T5]``, ``vector [images, pooled]``), for Chroma the T5 tensor.
     ``is_active(transformer_options)`` says whether NAG guides this call (the step window); when it
-    is false, or the call has no cond chunk, the model's own forward runs. The call's rows are
+    is false, or the call has no cond chunk, the model's own method runs. The call's rows are
     placed from ``cond_or_uncond`` as on the UNet path (whole copies of the batch too); ``on_guided``
     is told, for each active call, whether its rows could be placed (then they were guided).
     """
-    host = sys.modules[type(model).__module__]
-    is_chroma = hasattr(model, "distribute_modulations")
-    own_forward = type(model).forward
+    runner = _NagRunner(model, negative, params, is_active, on_guided)
+    entry = getattr(runner, entry_point(model))
 
-    def forward(x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        options = kwargs.get("transformer_options") or {}
-        if not is_active(options):
-            return own_forward(model, x, timestep, context, *args, **kwargs)
-        placed, positive = positive_rows(x, context, options)
-        if positive is None:
-            if on_guided is not None and not placed:
-                on_guided(False)
-            return own_forward(model, x, timestep, context, *args, **kwargs)
-        img, img_ids = _patches(x)
-        img = model.img_in(img)
-        y, guidance = (None, None) if is_chroma else _flux_conditioning(*args, **kwargs)
-        inputs = _Inputs(positive, timestep, y, guidance, x.shape[0], img.device, img.dtype)
-        conditioning = negative()
-        if is_chroma:
-            modulations, context_negative = _chroma_modulations(model, host, inputs), webui.crossattn(conditioning)
-        else:
-            modulations = _flux_modulations(model, host, inputs, positive.negatives(conditioning["vector"].to(y)))
-            context_negative = conditioning["crossattn"]
-        txt_negative = positive.negatives(context_negative.to(context))  # on the call's device before indexing
-        call = _Call(
-            positive,
-            model.pe_embedder(torch.cat((_text_ids(x.shape[0], context.shape[1], x), img_ids), dim=1)),
-            model.pe_embedder(torch.cat((_text_ids(len(positive), txt_negative.shape[1], x), positive.take(img_ids)), dim=1)),
-            host.attention,
-            host.fp16_fix,
-            params,
-        )
-        out = _blocks(model, img, model.txt_in(context), model.txt_in(txt_negative), modulations, call)
-        if on_guided is not None:
-            on_guided(True)
-        return _image(out, x.shape[2], x.shape[3])
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return entry(*args, **kwargs)
 
     setattr(forward, NAG_FORWARD, True)
     return forward
 
 
 def neighbours_forward(model: torch.nn.Module, patcher: Any) -> bool:
-    """Whether another extension replaces the model's forward: an object patch, or an instance
-    forward that is neither NAG's (an earlier pass's patcher still loaded) nor the model's own bound
-    forward (which Forge's unpatch sets back as an instance attribute)."""
-    for forward in (getattr(patcher, "object_patches", {}).get(FORWARD), vars(model).get("forward")):
-        own = getattr(forward, "__func__", None) is type(model).forward and forward.__self__ is model
-        if forward is not None and not own and not getattr(forward, NAG_FORWARD, False):
-            return True
+    """Whether another extension replaces the model's forward (or Neo's ``forward_orig``): an object
+    patch, or an instance attribute that is neither NAG's (an earlier pass's patcher still loaded)
+    nor the model's own bound method (which Forge's unpatch sets back as an instance attribute)."""
+    for name in dict.fromkeys(("forward", entry_point(model))):
+        for method in (getattr(patcher, "object_patches", {}).get(f"diffusion_model.{name}"), vars(model).get(name)):
+            own = getattr(method, "__func__", None) is getattr(type(model), name) and method.__self__ is model
+            if method is not None and not own and not getattr(method, NAG_FORWARD, False):
+                return True
     return False
 
 
@@ -354,10 +474,22 @@ def is_joint_transformer(model: Any) -> bool:
     return all(hasattr(model, name) for name in ("double_blocks", "single_blocks", "txt_in", "img_in"))
 
 
+def _is_neo_flux1(model: Any) -> bool:
+    """Neo's port in its Flux.1 form: per-block modulation layers, no text norm or text position ids,
+    Flux.1's MLPs, text before image (its Flux.2 variants and its Chroma are not run)."""
+    flux1 = {"global_modulation": False, "txt_norm": None, "txt_ids_dims": []}
+    if not hasattr(model, "vec_in_dim") or any(getattr(model, name, True) != value for name, value in flux1.items()):
+        return False
+    doubles = all(getattr(block, "modulation", None) is True and not block.flipped_img_txt for block in model.double_blocks)
+    return doubles and all(not block.yak_mlp and block.mlp_hidden_dim_first == block.mlp_hidden_dim for block in model.single_blocks)
+
+
 def is_flux_family(model: Any) -> bool:
-    """Flux.1 or Chroma as Forge main builds them (``inner_forward``; Neo's ComfyUI port has
-    ``forward_orig`` and other block signatures, which ``nag_forward`` does not run)."""
-    return is_joint_transformer(model) and hasattr(model, "inner_forward") and not hasattr(model, "forward_orig")
+    """Flux.1 or Chroma as Forge main builds them (``inner_forward``), or Flux.1 (Kontext too) as
+    Forge Neo's ComfyUI port builds it (``forward_orig``)."""
+    if not is_joint_transformer(model):
+        return False
+    return _is_neo_flux1(model) if _is_comfy_port(model) else hasattr(model, "inner_forward")
 
 
 class ModelCalls:
@@ -403,7 +535,7 @@ class FluxPass(webui.NagPass):
             return False
         clone = original.clone()
         negative, active = (lambda: self.nag.negative), (lambda _options: self.active)
-        clone.add_object_patch(FORWARD, nag_forward(model, negative, self.params, active, self.nag.count(self.report)))
+        clone.add_object_patch(object_patch_name(model), nag_forward(model, negative, self.params, active, self.nag.count(self.report)))
         sd_model.forge_objects.unet = clone
         self.patched.append((sd_model, clone, original))
         self.report.hooked = f"{len(model.double_blocks)} double + {len(model.single_blocks)} single blocks"

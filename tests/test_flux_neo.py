@@ -1,0 +1,109 @@
+"""NAG on Forge Neo's Flux.1 with Kontext reference latents (tests/forge/backend/nn/flux_neo.py): the
+references' tokens are image-stream tokens, as in the authors' NAGFlux (guided, their q/k/v reused by
+the NAG rows), and Neo's forward drops them at the end (``out[:, :img_tokens]``), not NAG. The issue
+text says "never guided, never dropped"; the authors' code guides them, and this follows the code."""
+
+import pytest
+import torch
+from backend.args import dynamic_args
+from test_flux import IMAGES, PARAMS, batch, flux_sd_model, guided, reference, relative, tiny_model
+
+from lib_nag.hosts.forge import ForgeHost
+from lib_nag.hosts.forge_flux import FluxPass, nag_forward
+from lib_nag.params import NagParams
+
+REFERENCES = {"one reference": [(4, 6)], "two references": [(6, 4), (3, 5)]}  # latent sizes: the second is offset
+
+
+@pytest.fixture
+def kontext():
+    """Sets Neo's ``dynamic_args["ref_latents"]``: one latent per row of the call for each size."""
+
+    def references(rows, sizes):
+        dynamic_args["ref_latents"] = [torch.randn(rows, 4, *size) for size in sizes]
+        return dynamic_args["ref_latents"]
+
+    yield references
+    dynamic_args.pop("ref_latents", None)
+
+
+@pytest.mark.parametrize("sizes", REFERENCES.values(), ids=REFERENCES.keys())
+@pytest.mark.parametrize("chunks", [[0], [1, 0]], ids=["cond only", "uncond, cond"])
+def test_kontext_matches_the_authors_formulation_and_leaves_uncond_rows_alone(chunks, sizes, kontext, record_difference):
+    model = tiny_model("neo")
+    arguments, negative = batch("neo", chunks)
+    refs = kontext(len(arguments["x"]), sizes)
+    calls = []
+    out = guided(model, negative, arguments, calls=calls)
+    stock = model(**arguments)
+
+    expected = reference(model, "neo", arguments, negative, refs)
+    record_difference(relative(out, expected))
+    assert relative(out, expected) <= 1e-5
+    uncond = list(range(IMAGES)) if chunks == [1, 0] else []
+    cond = [r for r in range(len(out)) if r not in uncond]
+    assert torch.equal(out[uncond], stock[uncond])
+    assert relative(out[cond], stock[cond]) > 1e-3
+    assert calls == [True]
+    dynamic_args["ref_latents"] = None
+    assert relative(guided(model, negative, arguments), out) > 1e-3  # the references took part
+
+
+def test_the_reference_tokens_go_through_the_blocks_and_the_host_drops_them(kontext):
+    model = tiny_model("neo")
+    arguments, negative = batch("neo", [1, 0])
+    kontext(len(arguments["x"]), REFERENCES["two references"])
+    nag = nag_forward(model, lambda: negative, PARAMS, lambda options: True)
+    tokens = []
+
+    def recorded(*args, **kwargs):
+        out = nag(*args, **kwargs)
+        tokens.append(out.shape[1])
+        return out
+
+    model.forward_orig = recorded
+    out = model(**arguments)
+    del model.forward_orig
+    image_tokens, reference_tokens = 3 * 3, 3 * 2 + 2 * 3
+    assert tokens == [image_tokens + reference_tokens]  # NAG kept them to the end; Neo's forward cut them
+    assert out.shape == arguments["x"].shape and torch.equal(out, guided(model, negative, arguments))
+
+
+def test_kontext_with_scale_one_changes_nothing(kontext, record_difference):
+    model = tiny_model("neo")
+    arguments, negative = batch("neo", [1, 0])
+    kontext(len(arguments["x"]), REFERENCES["one reference"])
+    difference = relative(guided(model, negative, arguments, NagParams(enabled=True, scale=1.0)), model(**arguments))
+    record_difference(difference)
+    assert difference <= 1e-6
+
+
+def host_only_inputs(arguments):
+    """Inputs Neo's forward_orig runs and NAG's blocks do not (the stand-in ignores ``dit`` patches)."""
+    rows, hidden = len(arguments["x"]), tiny_model("neo").hidden_size
+    options = arguments["transformer_options"]
+    return {
+        "ControlNet": {"control": {"input": [torch.randn(rows, 9, hidden)], "output": [None]}},
+        "attention mask": {"attention_mask": torch.zeros(rows, 1, 1, 1)},
+        "post_input patch": {"transformer_options": options | {"patches": {"post_input": [lambda tokens: tokens]}}},
+        "dit replace patch": {"transformer_options": options | {"patches_replace": {"dit": {("double_block", 0): None}}}},
+    }
+
+
+@pytest.mark.parametrize("extra", ["ControlNet", "attention mask", "post_input patch", "dit replace patch"])
+def test_a_call_with_what_only_the_host_runs_gets_the_hosts_forward_orig(extra):
+    model = tiny_model("neo")
+    arguments, negative = batch("neo", [1, 0])
+    arguments |= host_only_inputs(arguments)[extra]
+    calls = []
+    assert torch.equal(guided(model, negative, arguments, calls=calls), model(**arguments))
+    assert calls == []
+
+
+def test_neo_flux2_variants_are_named_not_run():
+    sd_model = flux_sd_model("neo")
+    host = ForgeHost.__new__(ForgeHost)
+    assert host.pass_for(sd_model) is FluxPass
+    sd_model.forge_objects.unet.model.diffusion_model.global_modulation = True  # Flux.2's shared modulation
+    assert host.pass_for(sd_model) is None
+    assert "IntegratedFluxTransformer2DModel is another one" in host.unsupported_reason(sd_model)
