@@ -66,7 +66,8 @@ def guided(model, negative, arguments, params=PARAMS, is_active=lambda options: 
     """The model called with NAG's replacement of its entry point in place (what was there set back)."""
     name = entry_point(model)
     before = vars(model).get(name)
-    setattr(model, name, nag_forward(model, lambda: negative, params, is_active, None if calls is None else calls.append))
+    on_call = None if calls is None else lambda guided, why: calls.append((guided, why))
+    setattr(model, name, nag_forward(model, lambda: negative, params, is_active, on_call))
     try:
         return model(**arguments)
     finally:
@@ -120,7 +121,7 @@ def test_matches_the_authors_formulation_and_leaves_uncond_rows_alone(kind, chun
     cond = [r for r in range(len(out)) if r not in uncond]
     assert torch.equal(out[uncond], stock[uncond])
     assert relative(out[cond], stock[cond]) > 1e-3  # NAG changed the cond rows
-    assert calls == [True]
+    assert calls == [(True, "")]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -248,3 +249,13 @@ def test_another_hosts_flux_implementation_is_named_not_run():
     assert host.unsupported_reason(comfy_style) == (
         "NAG runs Forge's own Flux and Chroma models; this host's IntegratedFluxTransformer2DModel is another one, not supported yet"
     )
+
+
+def test_a_forge_main_structure_with_reference_latents_is_named_not_run():
+    """An older Neo built Kontext on Forge main's forward → inner_forward: NAG's run of that forward
+    would leave the reference latents out."""
+    sd_model = flux_sd_model("flux")
+    model = sd_model.forge_objects.unet.model.diffusion_model
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model), "forward", lambda self, x, timestep, context, y, guidance=None, ref_latents=None, **kwargs: None)
+        assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), sd_model) is None

@@ -9,7 +9,7 @@ from backend.args import dynamic_args
 from test_flux import IMAGES, PARAMS, batch, flux_sd_model, guided, reference, relative, tiny_model
 
 from lib_nag.hosts.forge import ForgeHost
-from lib_nag.hosts.forge_flux import FluxPass, nag_forward
+from lib_nag.hosts.forge_flux import STOOD_ASIDE, FluxPass, nag_forward
 from lib_nag.params import NagParams
 
 REFERENCES = {"one reference": [(4, 6)], "two references": [(6, 4), (3, 5)]}  # latent sizes: the second is offset
@@ -44,7 +44,7 @@ def test_kontext_matches_the_authors_formulation_and_leaves_uncond_rows_alone(ch
     cond = [r for r in range(len(out)) if r not in uncond]
     assert torch.equal(out[uncond], stock[uncond])
     assert relative(out[cond], stock[cond]) > 1e-3
-    assert calls == [True]
+    assert calls == [(True, "")]
     dynamic_args["ref_latents"] = None
     assert relative(guided(model, negative, arguments), out) > 1e-3  # the references took part
 
@@ -97,7 +97,7 @@ def test_a_call_with_what_only_the_host_runs_gets_the_hosts_forward_orig(extra):
     arguments |= host_only_inputs(arguments)[extra]
     calls = []
     assert torch.equal(guided(model, negative, arguments, calls=calls), model(**arguments))
-    assert calls == []
+    assert calls == [(False, STOOD_ASIDE)]  # counted, and the console says why
 
 
 def test_neo_flux2_variants_are_named_not_run():

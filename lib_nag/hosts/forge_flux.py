@@ -19,6 +19,7 @@ of the image, and the host drops them at the end (``out[:, :img_tokens]``).
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,10 +34,12 @@ from . import webui
 from .forge import positive_rows
 
 NAG_FORWARD = "_nag_forward"  # marks the forward ``nag_forward`` builds
+STOOD_ASIDE = "a ControlNet, attention mask or block patch on the call, which NAG's own run of the blocks would leave out"
 
 Modulation = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # shift, scale, gate: [B, 1, D] each
 DoubleModulations = tuple[Modulation, Modulation]  # before the attention, before the MLP
 Forward = Callable[..., torch.Tensor]
+OnCall = Callable[[bool, str], None]  # (guided, why not)
 ApplyMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (normed x, 1 + scale, shift)
 
 
@@ -350,7 +353,7 @@ class _NagRunner:
         negative: Callable[[], torch.Tensor | dict[str, torch.Tensor]],
         params: NagParams,
         is_active: Callable[[dict], bool],
-        on_guided: Callable[[bool], None] | None,
+        on_guided: OnCall | None,
     ) -> None:
         self.model, self.negative, self.params, self.is_active, self.on_guided = model, negative, params, is_active, on_guided
         self.host = sys.modules[type(model).__module__]
@@ -362,7 +365,7 @@ class _NagRunner:
             return None
         placed, positive = positive_rows(n, context, options)
         if not placed and self.on_guided is not None:
-            self.on_guided(False)
+            self.on_guided(False, "")
         return positive
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -393,7 +396,11 @@ class _NagRunner:
         options = transformer_options if transformer_options is not None else {}
         arguments = (img, img_ids, txt, txt_ids, timesteps, y, guidance, control, options, attn_mask)
         positive = self.positive(img, txt, options)
-        if positive is None or not _neo_runs_blocks_only(self.model, options, y, guidance, control, attn_mask):
+        if positive is not None and not _neo_runs_blocks_only(self.model, options, y, guidance, control, attn_mask):
+            if self.on_guided is not None:
+                self.on_guided(False, STOOD_ASIDE)
+            positive = None
+        if positive is None:
             return type(self.model).forward_orig(self.model, *arguments)
         return self.blocks(_Tokens(img, img_ids, txt, txt_ids), positive, timesteps, y, guidance)
 
@@ -425,7 +432,7 @@ class _NagRunner:
         )
         out = _blocks(model, img, model.txt_in(tokens.txt), model.txt_in(txt_negative), modulations, call)
         if self.on_guided is not None:
-            self.on_guided(True)
+            self.on_guided(True, "")
         return out
 
 
@@ -434,7 +441,7 @@ def nag_forward(
     negative: Callable[[], torch.Tensor | dict[str, torch.Tensor]],
     params: NagParams,
     is_active: Callable[[dict], bool],
-    on_guided: Callable[[bool], None] | None = None,
+    on_guided: OnCall | None = None,
 ) -> Forward:
     """A replacement for the model's ``entry_point`` (a Forge ``IntegratedFluxTransformer2DModel`` or
     ``IntegratedChromaTransformer2DModel``: ``forward``; Neo's Flux.1: ``forward_orig``) that guides
@@ -445,7 +452,8 @@ def nag_forward(
     ``is_active(transformer_options)`` says whether NAG guides this call (the step window); when it
     is false, or the call has no cond chunk, the model's own method runs. The call's rows are
     placed from ``cond_or_uncond`` as on the UNet path (whole copies of the batch too); ``on_guided``
-    is told, for each active call, whether its rows could be placed (then they were guided).
+    is told, for each active call, whether it was guided, and if not, why ("": its rows could not
+    be placed).
     """
     runner = _NagRunner(model, negative, params, is_active, on_guided)
     entry = getattr(runner, entry_point(model))
@@ -484,12 +492,18 @@ def _is_neo_flux1(model: Any) -> bool:
     return doubles and all(not block.yak_mlp and block.mlp_hidden_dim_first == block.mlp_hidden_dim for block in model.single_blocks)
 
 
+def _is_forge_main_flux(model: Any) -> bool:
+    """Forge main's ``forward`` → ``inner_forward``, without reference latents (an older Neo had
+    Kontext on that structure; NAG's run of ``forward`` would leave them out)."""
+    return hasattr(model, "inner_forward") and "ref_latents" not in inspect.signature(type(model).forward).parameters
+
+
 def is_flux_family(model: Any) -> bool:
     """Flux.1 or Chroma as Forge main builds them (``inner_forward``), or Flux.1 (Kontext too) as
     Forge Neo's ComfyUI port builds it (``forward_orig``)."""
     if not is_joint_transformer(model):
         return False
-    return _is_neo_flux1(model) if _is_comfy_port(model) else hasattr(model, "inner_forward")
+    return _is_neo_flux1(model) if _is_comfy_port(model) else _is_forge_main_flux(model)
 
 
 class ModelCalls:
@@ -501,10 +515,10 @@ class ModelCalls:
         self.guided_calls = 0
         self.missed_calls = 0
 
-    def count(self, report: webui.PassReport) -> Callable[[bool], None]:
-        def counted(placed: bool) -> None:
-            report.count_call(placed, placed)
-            self.guided_calls += placed
+    def count(self, report: webui.PassReport) -> OnCall:
+        def counted(guided: bool, why: str) -> None:
+            report.count_call(guided, guided, why)
+            self.guided_calls += guided
 
         return counted
 

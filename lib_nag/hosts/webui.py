@@ -59,16 +59,19 @@ class PassReport:
     hooked: str = ""
     unit: str = "cross-attention calls"
     skipped: str = ""
+    why_unplaced: set[str] = field(default_factory=set)
 
     @property
     def name(self) -> str:
         return "hires pass" if self.is_hires else "first pass"
 
-    def count_call(self, placed: bool, positive: bool) -> None:
-        """Count a cross-attention call inside the window."""
+    def count_call(self, placed: bool, positive: bool, why: str = "") -> None:
+        """Count a call inside the window; ``why`` a call was not placed, if not for the rows."""
         self.calls += 1
         self.placed += placed and positive
         self.unplaced += not placed
+        if not placed:
+            self.why_unplaced.add(why or UNPLACED)
 
 
 UNPLACED = "another extension calls the UNet with its own batches, tiles or row order"
@@ -102,19 +105,23 @@ class JobReport:
         line = f"{CONSOLE_PREFIX} active on {self.model}: {', '.join(parts)}, {hooked}"
         unplaced = sum(p.unplaced for p in ran)
         if unplaced:
-            line += f"; {unplaced} of {unplaced + sum(p.placed for p in ran)} calls not guided: their rows could not be placed ({UNPLACED})"
+            line += f"; {unplaced} of {unplaced + sum(p.placed for p in ran)} calls not guided ({why_unplaced(ran)})"
         return line
 
     @staticmethod
     def not_applied_reason(ran: list[PassReport]) -> str:
         placed, unplaced = sum(p.placed for p in ran), sum(p.unplaced for p in ran)
         if unplaced:
-            return f"{placed} of {placed + unplaced} {ran[-1].unit} could be placed in the CFG batch ({UNPLACED})"
+            return f"{placed} of {placed + unplaced} {ran[-1].unit} could be placed in the CFG batch ({why_unplaced(ran)})"
         if not any(p.window for p in ran):
             return "no sampling step fell inside the NAG start/end window"
         if not any(p.calls for p in ran):
             return "no hooked cross-attention layer ran (a UNet replacement such as TensorRT bypasses them)"
         return "no cross-attention call carried a positive prompt"
+
+
+def why_unplaced(passes: list[PassReport]) -> str:
+    return "; ".join(sorted(set().union(*(p.why_unplaced for p in passes))))
 
 
 def model_family(sd_model: Any) -> str:
