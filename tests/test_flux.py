@@ -10,7 +10,7 @@ from backend.nn import flux_neo
 from backend.nn.chroma import IntegratedChromaTransformer2DModel
 from backend.nn.flux import IntegratedFluxTransformer2DModel
 from backend.patcher.unet import UnetPatcher
-from modules import prompt_parser, shared
+from modules import prompt_parser, script_callbacks, shared
 from reference_joint import reference_joint
 from test_forge import denoiser_step, forge_model
 from unets import randomize_outputs, sd1_like_unet
@@ -259,3 +259,51 @@ def test_a_forge_main_structure_with_reference_latents_is_named_not_run():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(type(model), "forward", lambda self, x, timestep, context, y, guidance=None, ref_latents=None, **kwargs: None)
         assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), sd_model) is None
+
+
+@pytest.mark.parametrize("ending", ["finished", "interrupted", "raised"])
+def test_nothing_is_left_after_any_flux_job(ending):
+    """A job's ``p.sample`` guard ends the pass whatever happens inside sampling: the pass's patcher
+    goes, Forge unpatches the model, no callback stays registered."""
+    from lib_nag.hosts.webui import NagHost, NagJob
+
+    shared.sd_model = flux_sd_model("flux")
+    original = shared.sd_model.forge_objects.unet
+    model = original.model.diffusion_model
+    arguments, negative = batch("flux", [0])
+    per_image = [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
+    host = ForgeHost.__new__(ForgeHost)
+    NagHost.__init__(host)
+    schedules = [[prompt_parser.ScheduledPromptConditioning(10, c)] for c in per_image]
+    host.negative = SimpleNamespace(encode=lambda *args: schedules, forget=lambda: None)
+    seen = []
+
+    def sample(*args, **kwargs):
+        patcher = shared.sd_model.forge_objects.unet
+        patcher.forge_patch_model()
+        try:
+            for step in range(3):
+                denoiser_step(job.pass_, step, total=3)
+                seen.append(model(**arguments))
+                if step == 1 and ending != "finished":
+                    if ending == "raised":
+                        raise RuntimeError("out of memory")
+                    break  # the host's interrupt leaves the sampler loop
+        finally:
+            patcher.forge_unpatch_model()
+        return seen[-1]
+
+    p = SimpleNamespace(sample=sample, is_hr_pass=False, extra_generation_params={})
+    job = NagJob(host, p, NagParams(enabled=True))
+    job.start_pass()
+    assert isinstance(job.pass_, FluxPass)
+    if ending == "raised":
+        with pytest.raises(RuntimeError, match="out of memory"):
+            p.sample()
+    else:
+        p.sample()
+        job.end()
+    assert shared.sd_model.forge_objects.unet is original and host.live is None
+    assert not script_callbacks.callback_map["callbacks_cfg_denoiser"]
+    assert torch.equal(model(**arguments), type(model).forward(model, **arguments))  # the model's own forward again
+    assert ("NAG scale" in p.extra_generation_params) == (ending != "raised")
