@@ -85,10 +85,32 @@ def without_our_patches(patcher: Any) -> None:
         patches["attn2_patch"] = [p for p in patches["attn2_patch"] if not getattr(p, NAG_PATCH, False)]
 
 
-class ForgePass(webui.CrossAttentionPass):
+class ClonedPatcher:
+    """For a pass that samples on its own clone of ``forge_objects.unet`` (put back at the end, if
+    the host has not already replaced it) and follows the step window (``active``)."""
+
     def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
         self.active = False
         self.patched: list[tuple[Any, Any, Any]] = []  # (sd_model, our clone, the patcher it replaced)
+        super().__init__(job, report)
+
+    def use_clone(self, sd_model: Any, clone: Any) -> None:
+        self.patched.append((sd_model, clone, sd_model.forge_objects.unet))
+        sd_model.forge_objects.unet = clone
+
+    def close(self) -> None:
+        super().close()
+        for sd_model, clone, original in self.patched:
+            if sd_model.forge_objects.unet is clone:
+                sd_model.forge_objects.unet = original
+        self.patched = []
+
+    def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
+        self.active = active
+
+
+class ForgePass(ClonedPatcher, webui.CrossAttentionPass):
+    def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
         self.rows: dict[tuple, PositiveRows | None] = {}  # per (cond_or_uncond, rows, device)
         super().__init__(job, report)
 
@@ -107,23 +129,12 @@ class ForgePass(webui.CrossAttentionPass):
         clone = original.clone()
         without_our_patches(clone)
         clone.set_model_attn2_patch(self.attn2_patch())
-        sd_model.forge_objects.unet = clone
-        self.patched.append((sd_model, clone, original))
+        self.use_clone(sd_model, clone)
         self.nag.install(attn2)
         return True
 
     def unhook(self) -> None:
         self.nag.remove()
-
-    def close(self) -> None:
-        super().close()
-        for sd_model, clone, original in self.patched:
-            if sd_model.forge_objects.unet is clone:
-                sd_model.forge_objects.unet = original
-        self.patched = []
-
-    def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
-        self.active = active
 
     def attn2_patch(self) -> Attn2Patch:
         # A closure, not a bound method: the patcher deep-copies its options on every clone.

@@ -31,7 +31,7 @@ from ..attention import PositiveRows
 from ..joint_attention import QKV, Attend, double_stream_attention, single_stream_attention
 from ..params import NagParams
 from . import webui
-from .forge import positive_rows
+from .forge import ClonedPatcher, positive_rows
 
 NAG_FORWARD = "_nag_forward"  # marks the forward ``nag_forward`` builds
 STOOD_ASIDE = "a ControlNet, attention mask or block patch on the call, which NAG's own run of the blocks would leave out"
@@ -523,15 +523,13 @@ class ModelCalls:
         return counted
 
 
-class FluxPass(webui.NagPass):
+class FluxPass(ClonedPatcher, webui.NagPass):
     """NAG on a Flux or Chroma model for one sampling pass. The pass clones the UNet patcher and
     adds an object patch that replaces the diffusion model's ``forward`` with ``nag_forward``: Forge
     sets it when it loads the patcher for sampling and restores what was there when it unloads it,
     so nothing stays on the model. Between the window's steps the patched forward is the model's."""
 
     def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
-        self.active = False
-        self.patched: list[tuple[Any, Any, Any]] = []  # (sd_model, our clone, the patcher it replaced)
         report.unit = "model calls"
         super().__init__(job, report)
 
@@ -550,20 +548,9 @@ class FluxPass(webui.NagPass):
         clone = original.clone()
         negative, active = (lambda: self.nag.negative), (lambda _options: self.active)
         clone.add_object_patch(object_patch_name(model), nag_forward(model, negative, self.params, active, self.nag.count(self.report)))
-        sd_model.forge_objects.unet = clone
-        self.patched.append((sd_model, clone, original))
+        self.use_clone(sd_model, clone)
         self.report.hooked = f"{len(model.double_blocks)} double + {len(model.single_blocks)} single blocks"
         return True
 
     def unhook(self) -> None:
         self.active = False
-
-    def close(self) -> None:
-        super().close()
-        for sd_model, clone, original in self.patched:
-            if sd_model.forge_objects.unet is clone:
-                sd_model.forge_objects.unet = original
-        self.patched = []
-
-    def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
-        self.active = active
