@@ -12,6 +12,16 @@ architectures (no checkpoint is loaded; the weights are random). Variants, for B
   rows with the NAG-negative context, and ``nag_combine`` mixes the post-out-projection outputs.
 - (d) an extra UNet pass for the NAG negative: one call over 3B rows (cond, uncond, negative).
 - (e) NAG at CFG 1, uncond skipped: one B-row call with NAG as in (b).
+
+``--models flux`` builds the stand-in of Forge's Flux.1 transformer (tests/forge/backend/nn/flux.py)
+with Flux.1's widths (3072 = 24 heads of 128, T5 4096, pooled 768, 16-channel latents in 2×2
+patches) at a reduced depth with Flux's 1:2 double:single ratio, 1024²-shaped tokens (4096 image +
+512 text), at CFG 1 (Flux's usual case: one cond row per image):
+
+- (f) NAG off: the model's own forward over B rows.
+- (g) NAG as this project does it: ``lib_nag.hosts.forge_flux.nag_forward`` on the same call, with
+  a NAG negative of 512 tokens (as long as the prompt).
+- (h) an extra full pass: the model's forward over 2B rows (cond, NAG negative), what CFG costs.
 """
 
 from __future__ import annotations
@@ -27,16 +37,18 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "tests" / "forge"):  # the repository and the stand-in of Forge's ``backend``
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from backend.nn.flux import IntegratedFluxTransformer2DModel, RMSNorm  # noqa: E402
 from ldm.modules.attention import CrossAttention, SpatialTransformer  # noqa: E402
 from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
 from ldm.modules.diffusionmodules.util import linear  # noqa: E402
@@ -45,6 +57,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E
 
 from lib_nag.attention import CrossAttentionNag, NegativeKV, PositiveRows, attention  # noqa: E402
 from lib_nag.guidance import nag_combine  # noqa: E402
+from lib_nag.hosts.forge_flux import nag_forward  # noqa: E402
 from lib_nag.params import NagParams  # noqa: E402
 
 MIB = 2**20
@@ -112,7 +125,6 @@ TINY_SD1 = UNetSpec("tiny SD1", 32, (1, 2), (1, 2), 1, (1, 1), 1, 768, num_head_
 TINY_SDXL = UNetSpec(
     "tiny SDXL", 32, (1, 2, 2), (2, 4), 1, (0, 2, 3), 3, 2048, num_head_channels=8, use_linear=True, adm_channels=2816, expected_attn2=18
 )
-MODELS = {"sd15": SD15, "sdxl": SDXL, "tiny-sd1": TINY_SD1, "tiny-sdxl": TINY_SDXL}
 
 
 def spatial_transformers(unet: UNetModel, spec: UNetSpec) -> Iterator[tuple[SpatialTransformer, int]]:
@@ -142,10 +154,13 @@ def init_weights(unet: nn.Module, seed: int) -> None:
                     if param is not None:
                         param.uniform_(-bound, bound, generator=generator)
                         done.add(param)
-            elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+            elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
                 module.weight.fill_(1.0)
                 module.bias.zero_()
                 done.update((module.weight, module.bias))
+            elif isinstance(module, RMSNorm):  # Flux's q/k norms
+                module.scale.fill_(1.0)
+                done.add(module.scale)
     missing = [name for name, param in unet.named_parameters() if param not in done]
     if missing:
         raise RuntimeError(f"parameters left uninitialised: {missing[:5]}")
@@ -311,31 +326,31 @@ def spread(values: list[float]) -> float:
 QUIET = 0.15  # a round is quiet when each of its steps is within 15 % of its variant's fastest step
 
 
-def timing_stats(times: dict[str, list[float]]) -> dict[str, Any]:
-    """Ratios to (a) from ABBA rounds: per round, (the variant's two steps) / ((a)'s two steps).
+def timing_stats(times: dict[str, list[float]], base: str = "a") -> dict[str, Any]:
+    """Ratios to ``base`` ((a)) from ABBA rounds: per round, (the variant's two steps) / ((a)'s two steps).
 
     For each variant only the rounds where its steps and (a)'s are quiet count, when there are
     any: this machine's speed drops several-fold for tens of seconds at a time (other tenants),
     and a round caught by such a burst compares steps run at different speeds. The criterion
     is relative to each variant's own fastest step, so it cannot hide a variant being slow.
     """
-    rounds = len(times["a"]) // 2
+    rounds = len(times[base]) // 2
 
     def quiet(key: str, i: int) -> bool:
         return all(times[key][j] <= (1 + QUIET) * min(times[key]) for j in (2 * i, 2 * i + 1))
 
     used, paired = {}, {}
     for key, values in times.items():
-        used[key] = [i for i in range(rounds) if quiet(key, i) and quiet("a", i)] or list(range(rounds))
-        paired[key] = [(values[2 * i] + values[2 * i + 1]) / (times["a"][2 * i] + times["a"][2 * i + 1]) for i in used[key]]
-    a_rounds = [i for i in range(rounds) if quiet("a", i)] or list(range(rounds))
+        used[key] = [i for i in range(rounds) if quiet(key, i) and quiet(base, i)] or list(range(rounds))
+        paired[key] = [(values[2 * i] + values[2 * i + 1]) / (times[base][2 * i] + times[base][2 * i + 1]) for i in used[key]]
+    a_rounds = [i for i in range(rounds) if quiet(base, i)] or list(range(rounds))
     return {
         "rounds": rounds,
         "used": used,
         "ratio": {key: statistics.median(values) for key, values in paired.items()},
         "ratio_ci": {key: median_ci(values) for key, values in paired.items()},
         "medians": {key: statistics.median(values) for key, values in times.items()},
-        "a_spread_used": spread([times["a"][j] for i in a_rounds for j in (2 * i, 2 * i + 1)]),
+        "a_spread_used": spread([times[base][j] for i in a_rounds for j in (2 * i, 2 * i + 1)]),
     }
 
 
@@ -351,6 +366,61 @@ def flop_counter() -> FlopCounterMode:
     if cpu_sdpa is not None:
         mapping[cpu_sdpa] = sdpa_cpu_flops
     return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def counted_flops(run: Callable[[str], torch.Tensor], keys: list[str], keep_outputs: bool) -> tuple[dict[str, int], dict[str, Any]]:
+    """FLOPs counted in one ``run(key)`` per key, and (``keep_outputs``) its outputs."""
+    counted, outputs = {}, {}
+    for key in keys:
+        with flop_counter() as counter:
+            out = run(key)
+        if keep_outputs:
+            outputs[key] = out
+        del out
+        counted[key] = counter.get_total_flops()
+    return counted, outputs
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def elapsed(step: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one ``step()`` takes, the device synchronised around it."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = step()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    del out
+    return seconds
+
+
+def time_interleaved(timed: Callable[[str], float], keys: list[str], repeats: int, warmup: int = 0) -> dict[str, list[float]]:
+    """``repeats`` timed steps per variant (rounded up to even), after ``warmup`` untimed passes.
+
+    Interleaved in ABBA rounds: the variants in one order, then in reverse (the start
+    rotated every round), so each variant's two steps in a round are centred on the same
+    moment and a linear drift of the machine's speed cancels in per-round ratios.
+    """
+    for _ in range(warmup):
+        for key in keys:
+            timed(key)
+    times: dict[str, list[float]] = {key: [] for key in keys}
+    for round_ in range(math.ceil(repeats / 2)):
+        shift = round_ % len(keys)
+        order = keys[shift:] + keys[:shift]
+        for key in order + order[::-1]:
+            times[key].append(timed(key))
+    return times
+
+
+def padded_to_longest(*contexts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Contexts of different token counts padded with their last token to the longest, so that one
+    call can take them all (an extra pass's batch; only for unusual token counts)."""
+    longest = max(c.shape[1] for c in contexts)
+    return tuple(F.pad(c, (0, 0, 0, longest - c.shape[1]), mode="replicate") for c in contexts)
 
 
 # --- the benchmark -----------------------------------------------------------------------------
@@ -421,11 +491,7 @@ class ModelBench:
 
         self.positive = PositiveRows.of(list(range(b)), list(range(b)), self.device)  # cond rows come first
         x2, t2, c2, y2 = cat(latents, latents), cat(timesteps, timesteps), cat(cond, uncond), cat(y_cond, y_uncond)
-        if spec.negative_tokens == spec.prompt_tokens:
-            c3 = cat(cond, uncond, self.negative)
-        else:  # (d) needs one context length; pad the shorter with its last token (only for unusual specs)
-            longest = max(spec.prompt_tokens, spec.negative_tokens)
-            c3 = cat(*(F.pad(c, (0, 0, 0, longest - c.shape[1]), mode="replicate") for c in (cond, uncond, self.negative)))
+        c3 = cat(*padded_to_longest(cond, uncond, self.negative))  # (d) needs one context length
         return {
             "a": Variant("a", x2, t2, c2, y2),
             "b": Variant("b", x2, t2, c2, y2, uses_cache=True),
@@ -490,20 +556,10 @@ class ModelBench:
         with self.installed(variant):
             return self._call(variant)
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def timed(self, key: str) -> float:
         variant = self.variants[key]
         with self.installed(variant):
-            self._sync()
-            start = time.perf_counter()
-            out = self._call(variant)
-            self._sync()
-            elapsed = time.perf_counter() - start
-        del out
-        return elapsed
+            return elapsed(lambda: self._call(variant), self.device)
 
     # measurements
     def outputs(self) -> dict[str, torch.Tensor]:
@@ -527,25 +583,6 @@ class ModelBench:
             "finite": all(bool(torch.isfinite(out).all()) for out in outputs.values()),
         }
 
-    def time_all(self, repeats: int, warmup: int = 0) -> dict[str, list[float]]:
-        """``repeats`` timed steps per variant (rounded up to even), after ``warmup`` untimed passes.
-
-        Interleaved in ABBA rounds: the variants in one order, then in reverse (the start
-        rotated every round), so each variant's two steps in a round are centred on the same
-        moment and a linear drift of the machine's speed cancels in per-round ratios.
-        """
-        keys = list(self.variants)
-        for _ in range(warmup):
-            for key in keys:
-                self.timed(key)
-        times: dict[str, list[float]] = {key: [] for key in keys}
-        for round_ in range(math.ceil(repeats / 2)):
-            shift = round_ % len(keys)
-            order = keys[shift:] + keys[:shift]
-            for key in order + order[::-1]:
-                times[key].append(self.timed(key))
-        return times
-
     def cache_bytes(self) -> int:
         """Bytes of the warm NegativeKV cache (persistent while NAG is on)."""
         like = torch.empty(0, device=self.device, dtype=self.dtype)
@@ -561,11 +598,11 @@ class ModelBench:
             gc.collect()
             with self.installed(variant):
                 if self.device.type == "cuda":
-                    self._sync()
+                    synchronize(self.device)
                     torch.cuda.reset_peak_memory_stats(self.device)
                     base = torch.cuda.memory_allocated(self.device)
                     out = self._call(variant)
-                    self._sync()
+                    synchronize(self.device)
                     step = torch.cuda.max_memory_allocated(self.device) - base
                     del out
                     peak_op = ""
@@ -586,15 +623,8 @@ class ModelBench:
             tokens.setdefault(module, args[0].shape[1])
 
         hooks = [module.register_forward_pre_hook(record) for module in self.attn2]
-        counted, outputs = {}, {}
         try:
-            for key in self.variants:
-                with flop_counter() as counter:
-                    out = self.run(key)
-                if keep_outputs:
-                    outputs[key] = out
-                del out
-                counted[key] = counter.get_total_flops()
+            counted, outputs = counted_flops(self.run, list(self.variants), keep_outputs)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -644,7 +674,7 @@ def profile_nag(bench: ModelBench, top: int = 14) -> dict[str, Any]:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 started = time.perf_counter()
                 out = bench.run(key)
-                bench._sync()
+                synchronize(bench.device)
                 step_ms = (time.perf_counter() - started) * 1e3
             del out
             events = prof.events()
@@ -680,6 +710,343 @@ def profile_nag(bench: ModelBench, top: int = 14) -> dict[str, Any]:
     }
 
 
+# --- Flux ----------------------------------------------------------------------------------------
+
+FLUX_VARIANTS = {
+    "f": "(f) NAG off, the model's own forward",
+    "g": "(g) NAG on (this project)",
+    "h": "(h) extra full pass (2B rows, as CFG)",
+}
+FLUX_TARGETS = {"floor_factor": 1.2, "extra_pass_fraction": 0.75}
+FLUX_TIMESTEP, FLUX_GUIDANCE = 0.5, 3.5  # a mid-schedule sigma; Flux.1-dev's usual distilled guidance
+HEAD_DIM = 128  # Flux.1's: 3072 wide, 24 heads; a reduced width keeps it (and the rotary axes 16 + 56 + 56)
+
+
+@dataclass(frozen=True)
+class FluxSpec:
+    """Widths and depths of Forge's ``IntegratedFluxTransformer2DModel`` (Flux.1: 19 double + 38 single
+    blocks, 3072 wide, T5-XXL text of 4096, CLIP-L pooled 768, 16-channel latents in 2×2 patches)."""
+
+    name: str
+    hidden_size: int
+    num_heads: int
+    double_blocks: int
+    single_blocks: int
+    axes_dim: tuple[int, ...]
+    context_dim: int = 4096
+    pooled_dim: int = 768
+    latent_channels: int = 16
+    mlp_ratio: float = 4.0
+    prompt_tokens: int = 512
+    negative_tokens: int = 512
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def image_tokens(self, resolution: int) -> int:
+        return ((resolution // 8 + 1) // 2) ** 2
+
+
+FLUX = FluxSpec("Flux.1", 3072, 24, 19, 38, (16, 56, 56))
+TINY_FLUX = FluxSpec("tiny Flux", 64, 4, 1, 2, (4, 6, 6), 32, pooled_dim=12, latent_channels=4, prompt_tokens=7, negative_tokens=5)
+MODELS: dict[str, UNetSpec | FluxSpec] = {
+    "sd15": SD15,
+    "sdxl": SDXL,
+    "flux": FLUX,
+    "tiny-sd1": TINY_SD1,
+    "tiny-sdxl": TINY_SDXL,
+    "tiny-flux": TINY_FLUX,
+}
+
+
+def build_flux(spec: FluxSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """The Forge Flux stand-in (tests/forge/backend/nn/flux.py) with ``spec``'s sizes and random weights."""
+    with torch.device("meta"):
+        model = IntegratedFluxTransformer2DModel(
+            spec.latent_channels, spec.pooled_dim, spec.context_dim, spec.hidden_size, spec.mlp_ratio, spec.num_heads,
+            spec.double_blocks, spec.single_blocks, list(spec.axes_dim), 10000, qkv_bias=True, guidance_embed=True,
+        )  # fmt: skip
+    model.to_empty(device=device)
+    init_weights(model, seed)
+    return model.to(dtype).eval()
+
+
+def _stream_flops(spec: FluxSpec, tokens: int) -> int:
+    """Linear layers of one stream on ``tokens``: qkv + proj + MLP (double block) = linear1 + linear2 (single block)."""
+    d = spec.hidden_size
+    return tokens * 2 * (4 * d * d + 2 * d * spec.mlp_hidden)
+
+
+def _attention_flops(spec: FluxSpec, tokens: int) -> int:
+    """QKᵀ and AV of one joint attention over ``tokens``."""
+    return 4 * tokens * tokens * spec.hidden_size
+
+
+def _single_block_flops(spec: FluxSpec, tokens: int) -> int:
+    """One row of a single-stream block over ``tokens``: its stream, modulation and attention."""
+    return _stream_flops(spec, tokens) + 2 * spec.hidden_size * 3 * spec.hidden_size + _attention_flops(spec, tokens)
+
+
+def _text_embedding_flops(spec: FluxSpec, text_tokens: int) -> int:
+    """txt_in on the T5 tokens and vector_in on the pooled vector."""
+    d = spec.hidden_size
+    return 2 * text_tokens * spec.context_dim * d + 2 * (spec.pooled_dim * d + d * d)
+
+
+def flux_nag_flops(spec: FluxSpec, image_tokens: int, batch: int = 1) -> dict[str, int]:
+    """The analytic floor of NAG's extra FLOPs over (f) for ``batch`` positive rows (2 FLOPs per multiply-add).
+
+    Per double block: the NAG text stream's linear layers (qkv, proj, MLP) on the negative's tokens
+    and its modulation, plus the second joint attention over [negative text; image] (QKᵀ and AV;
+    the image q/k/v are the positive row's). Per single block: the NAG row as a full stream, as the
+    authors run it (linear1 and linear2 on [negative text; image] tokens, its modulation and its
+    attention). Before the blocks: txt_in on the negative, vector_in on its pooled vector. Matmuls
+    are what FlopCounterMode counts; the elementwise part is the NAG combine on the image tokens of
+    every block and the softmax of the second attention.
+    """
+    d, text, joint = spec.hidden_size, spec.negative_tokens, spec.negative_tokens + image_tokens
+    per_double = _stream_flops(spec, text) + 2 * d * 6 * d + _attention_flops(spec, joint)
+    per_single = _single_block_flops(spec, joint)
+    embeddings = _text_embedding_flops(spec, text)
+    matmul = batch * (embeddings + spec.double_blocks * per_double + spec.single_blocks * per_single)
+    blocks = spec.double_blocks + spec.single_blocks
+    elementwise = batch * blocks * (NAG_FLOPS_PER_Z * image_tokens * d + SOFTMAX_FLOPS_PER_SCORE * spec.num_heads * joint * joint)
+    return {
+        "per_double_block": batch * per_double,
+        "per_single_block": batch * per_single,
+        "embeddings": batch * embeddings,
+        "matmul_flops": matmul,
+        "elementwise_flops": elementwise,
+        "floor_flops": matmul + elementwise,
+    }
+
+
+def flux_pass_flops(spec: FluxSpec, image_tokens: int, batch: int = 1) -> int:
+    """Matmul FLOPs of one forward over ``batch`` rows, analytically (what (h) adds to (f))."""
+    d, patch, text = spec.hidden_size, 4 * spec.latent_channels, max(spec.prompt_tokens, spec.negative_tokens)
+    joint = text + image_tokens
+    per_double = _stream_flops(spec, joint) + 2 * 2 * d * 6 * d + _attention_flops(spec, joint)
+    embeddings = 2 * image_tokens * patch * d + _text_embedding_flops(spec, text) + 2 * 2 * (256 * d + d * d)  # + time_in, guidance_in
+    final = 2 * d * 2 * d + 2 * image_tokens * d * patch
+    return batch * (embeddings + spec.double_blocks * per_double + spec.single_blocks * _single_block_flops(spec, joint) + final)
+
+
+class FluxBench:
+    """The Flux stand-in at CFG 1 (one cond row per image, ``cond_or_uncond`` [0]) and its variants."""
+
+    def __init__(
+        self, spec: FluxSpec, resolution: int, batch: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> None:
+        if resolution % 16:
+            raise ValueError(f"resolution must be a multiple of 16, got {resolution}")
+        self.spec, self.resolution, self.batch, self.dtype = spec, resolution, batch, dtype
+        self.device = torch.device(device)
+        self.model = build_flux(spec, self.device, dtype, seed)
+        self.weight_bytes = sum(t.nbytes for t in self.model.parameters())
+        cond, negative = self._inputs(seed)
+        nag = nag_forward(self.model, lambda: negative, NAG_PARAMS, lambda _options: True)
+        self.calls = {"f": (self.model, cond), "g": (nag, cond), "h": (self.model, self._extra_pass_inputs(cond, negative))}
+
+    def _inputs(self, seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(f)'s and (g)'s call arguments, as Forge passes them, and the NAG negative's conditioning."""
+        spec, b, latent = self.spec, self.batch, self.resolution // 8
+        generator = torch.Generator().manual_seed(seed + 1)
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(self.device, self.dtype)
+
+        sigmas = torch.full((b,), FLUX_TIMESTEP, device=self.device, dtype=self.dtype)
+        cond = {
+            "x": randn(b, spec.latent_channels, latent, latent),
+            "timestep": sigmas,
+            "context": randn(b, spec.prompt_tokens, spec.context_dim),
+            "y": randn(b, spec.pooled_dim),
+            "guidance": torch.full((b,), FLUX_GUIDANCE, device=self.device, dtype=self.dtype),
+            "transformer_options": {"cond_or_uncond": [0], "sigmas": sigmas},
+        }
+        return cond, {"crossattn": randn(b, spec.negative_tokens, spec.context_dim), "vector": randn(b, spec.pooled_dim)}
+
+    @staticmethod
+    def _extra_pass_inputs(cond: dict[str, Any], negative: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """(h): the cond rows and one row per image with the NAG negative as its prompt, in one call."""
+        rows = {name: torch.cat((cond[name], cond[name])) for name in ("x", "timestep", "guidance")}
+        context = torch.cat(padded_to_longest(cond["context"], negative["crossattn"]))
+        options = {"cond_or_uncond": [0, 1], "sigmas": cond["transformer_options"]["sigmas"]}
+        return rows | {"context": context, "y": torch.cat((cond["y"], negative["vector"])), "transformer_options": options}
+
+    def rows(self, key: str) -> int:
+        return self.calls[key][1]["x"].shape[0]
+
+    def run(self, key: str) -> torch.Tensor:
+        forward, arguments = self.calls[key]
+        with torch.no_grad():
+            return forward(**arguments)
+
+    def timed(self, key: str) -> float:
+        return elapsed(lambda: self.run(key), self.device)
+
+    def checks(self, outputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        f, b = outputs["f"].float(), self.batch
+
+        def relative(x: torch.Tensor, y: torch.Tensor) -> float:
+            return ((x.float() - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+
+        return {
+            "g_changed_by_nag": relative(outputs["g"], f),
+            "h_cond_rows_vs_f": relative(outputs["h"][:b], f),
+            "finite": all(bool(torch.isfinite(out).all()) for out in outputs.values()),
+        }
+
+
+def flux_spec_for(name: str, args: argparse.Namespace) -> FluxSpec:
+    """``flux`` at the width, depth and NAG-negative length the options give; ``tiny-flux`` as it is."""
+    spec = MODELS[name]
+    if spec is not FLUX:
+        return spec
+    double, single = args.flux_blocks
+    return replace(
+        FLUX,
+        hidden_size=args.flux_hidden,
+        num_heads=args.flux_hidden // HEAD_DIM,
+        double_blocks=double,
+        single_blocks=single,
+        negative_tokens=args.flux_negative_tokens,
+    )
+
+
+def flux_targets(stats: dict[str, Any], floor_fraction: float) -> dict[str, Any]:
+    """(g)'s measured extra cost against 1.2× the analytic floor, and against (h)'s extra cost."""
+    overhead, extra_pass = stats["ratio"]["g"] - 1, stats["ratio"]["h"] - 1
+    floor_bound, pass_bound = FLUX_TARGETS["floor_factor"] * floor_fraction, FLUX_TARGETS["extra_pass_fraction"]
+    of_extra_pass = overhead / extra_pass
+    return {
+        "floor": {
+            "value": overhead,
+            "limit": floor_bound,
+            "pass": overhead <= floor_bound,
+            "measured_over_floor": overhead / floor_fraction,
+        },
+        "extra_pass": {"value": of_extra_pass, "limit": pass_bound, "pass": of_extra_pass <= pass_bound},
+    }
+
+
+def run_flux_model(spec: FluxSpec, resolution: int, args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    started = time.perf_counter()
+    bench = FluxBench(spec, resolution, args.batch, args.device, DTYPES[args.dtype], args.seed)
+    build_s = time.perf_counter() - started
+    image_tokens = spec.image_tokens(resolution)
+    repeats = args.repeats or default_repeats(spec, args)
+    log(
+        f"\n## {spec.name} at {resolution}×{resolution} ({image_tokens} image + {spec.prompt_tokens} text tokens; NAG negative "
+        f"{spec.negative_tokens} tokens), {spec.double_blocks} double + {spec.single_blocks} single blocks, hidden {spec.hidden_size} "
+        f"({spec.num_heads} heads of {spec.hidden_size // spec.num_heads}), CFG 1, batch {args.batch}, {args.dtype}, {repeats} timed steps "
+        f"per variant"
+    )
+    log(f"Model: {count_params(bench.model):,} parameters, weights {bench.weight_bytes / MIB:,.0f} MiB, built in {build_s:.1f} s.")
+
+    started = time.perf_counter()
+    keys = list(FLUX_VARIANTS)
+    counted, outputs = counted_flops(bench.run, keys, keep_outputs=True)  # the first step of each: warm-up, FLOPs, outputs
+    checks = bench.checks(outputs)
+    del outputs
+    times = time_interleaved(bench.timed, keys, repeats, args.warmup)
+    measure_s = time.perf_counter() - started
+
+    stats = timing_stats(times, base="f")
+    floor = flux_nag_flops(spec, image_tokens, args.batch)
+    floor["fraction"] = floor["floor_flops"] / counted["f"]
+    floor["counted_extra_g"], floor["counted_extra_h"] = counted["g"] - counted["f"], counted["h"] - counted["f"]
+    floor["analytic_extra_pass"] = flux_pass_flops(spec, image_tokens, args.batch)
+    floor["floor_over_extra_pass"] = floor["floor_flops"] / floor["counted_extra_h"]
+    full, full_tokens = replace(FLUX, negative_tokens=args.flux_negative_tokens), FLUX.image_tokens(1024)
+    floor["flux1_full_floor_over_extra_pass"] = flux_nag_flops(full, full_tokens)["floor_flops"] / flux_pass_flops(full, full_tokens)
+    targets = flux_targets(stats, floor["fraction"])
+    for line in flux_report(bench, times, stats, counted, floor, checks, targets):
+        log(line)
+    log(f"(measured in {measure_s:.0f} s)")
+    return {
+        "model": spec.name,
+        "spec": asdict(spec),
+        "resolution": resolution,
+        "image_tokens": image_tokens,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "repeats": repeats,
+        "parameters": count_params(bench.model),
+        "weight_bytes": bench.weight_bytes,
+        "build_s": build_s,
+        "measure_s": measure_s,
+        "variants": {
+            key: {
+                "label": label,
+                "rows": bench.rows(key),
+                "median_ms": stats["medians"][key] * 1e3,
+                "min_ms": min(times[key]) * 1e3,
+                "ratio_to_f": stats["ratio"][key],
+                "ratio_to_f_ci95": list(stats["ratio_ci"][key]),
+                "times_ms": [value * 1e3 for value in times[key]],
+                "iqr_over_median": spread(times[key]),
+                "counted_flops": counted[key],
+            }
+            for key, label in FLUX_VARIANTS.items()
+        },
+        "nag_extra_over_extra_pass": targets["extra_pass"]["value"],
+        "floor": floor,
+        "noise": {"f_iqr_over_median": spread(times["f"]), "rounds": stats["rounds"], "rounds_used": stats["used"]},
+        "checks": checks,
+        "targets": targets,
+    }
+
+
+def flux_report(
+    bench: FluxBench,
+    times: dict[str, list[float]],
+    stats: dict[str, Any],
+    counted: dict[str, int],
+    floor: dict[str, Any],
+    checks: dict[str, Any],
+    targets: dict[str, Any],
+) -> list[str]:
+    spec, ratio, medians, verdict = bench.spec, stats["ratio"], stats["medians"], {True: "PASS", False: "MISS"}
+    lines = [
+        "",
+        "| variant | rows | median ms/step | min ms/step | ×(f) paired [95 % CI] | extra vs (f) | counted GFLOP | IQR/median |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in FLUX_VARIANTS.items():
+        interval = "" if key == "f" else f" [{stats['ratio_ci'][key][0]:.3f}, {stats['ratio_ci'][key][1]:.3f}]"
+        extra = "—" if key == "f" else format(ratio[key] - 1, "+.1%")
+        lines.append(
+            f"| {label} | {bench.rows(key)} | {medians[key] * 1e3:,.1f} | {min(times[key]) * 1e3:,.1f} | {ratio[key]:.3f}{interval} | "
+            f"{extra} | {counted[key] / 1e9:,.1f} | {spread(times[key]):.1%} |"
+        )
+    return [
+        *lines,
+        "",
+        f"Analytic floor of NAG's extra FLOPs: {floor['floor_flops'] / 1e9:,.2f} GFLOP = {floor['fraction']:.1%} of (f)'s counted "
+        f"{counted['f'] / 1e9:,.1f} GFLOP. Per double block {floor['per_double_block'] / 1e9:,.2f} GFLOP: the NAG text stream's linear "
+        f"layers on its {spec.negative_tokens} tokens and the second joint attention [NAG text; image] (QKᵀ and AV). Per single block "
+        f"{floor['per_single_block'] / 1e9:,.2f} GFLOP: the NAG rows' whole stream (linear1/linear2 on [NAG text; image] and their "
+        "attention), since the authors run the NAG rows as a full stream there. Plus txt_in/vector_in on the negative "
+        f"({floor['embeddings'] / 1e9:,.2f}) and {floor['elementwise_flops'] / 1e9:,.2f} GFLOP elementwise (NAG combine "
+        f"{NAG_FLOPS_PER_Z}/element, softmax {SOFTMAX_FLOPS_PER_SCORE}/score; norms, GELU and RoPE not counted).",
+        f"Counted with FlopCounterMode (mm/addmm/bmm, SDPA): (g)−(f) {floor['counted_extra_g'] / 1e9:,.2f} GFLOP (analytic matmuls "
+        f"{floor['matmul_flops'] / 1e9:,.2f}); (h)−(f) {floor['counted_extra_h'] / 1e9:,.2f} GFLOP (analytic "
+        f"{floor['analytic_extra_pass'] / 1e9:,.2f}). Floor / extra pass = {floor['floor_over_extra_pass']:.3f} here, "
+        f"{floor['flux1_full_floor_over_extra_pass']:.3f} for Flux.1's full model (3072 wide, 19 + 38 blocks) at 1024²:"
+        " the least (g) can cost relative to (h) by FLOPs, with the authors' formulation.",
+        f"Checks: NAG moved (g)'s output by {checks['g_changed_by_nag']:.3g} (max |Δ| / max |(f)|); (h)'s cond rows vs (f): "
+        f"{checks['h_cond_rows_vs_f']:.2e}; all finite: {checks['finite']}.",
+        "",
+        f"Targets ({spec.name}, {bench.resolution}², {spec.double_blocks} + {spec.single_blocks} blocks, hidden {spec.hidden_size}):",
+        f"- (g)/(f) − 1 = {ratio['g'] - 1:+.1%} ≤ {FLUX_TARGETS['floor_factor']}× floor = {targets['floor']['limit']:.1%}: "
+        f"{verdict[targets['floor']['pass']]} (measured/floor {targets['floor']['measured_over_floor']:.2f})",
+        f"- ((g)−(f)) / ((h)−(f)) = {targets['extra_pass']['value']:.3f} ≤ {FLUX_TARGETS['extra_pass_fraction']}: "
+        f"{verdict[targets['extra_pass']['pass']]} (by FLOPs at best {floor['floor_over_extra_pass']:.3f})",
+    ]
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
@@ -707,7 +1074,7 @@ def run_model(spec: UNetSpec, resolution: int, args: argparse.Namespace, log: Ca
     started = time.perf_counter()
     flops = bench.flops(keep_outputs=True)  # the first step of each variant: warm-up, FLOPs, outputs
     checks = bench.checks(flops.pop("outputs"))
-    times = bench.time_all(repeats, args.warmup)
+    times = time_interleaved(bench.timed, list(bench.variants), repeats, args.warmup)
     memory = bench.memory()
     profile = profile_nag(bench) if args.profile else None
     cache = bench.cache_bytes()
@@ -898,9 +1265,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="image side in pixels for every model (latent = /8)")
     parser.add_argument("--sd15-resolution", type=int, default=None, help="default 256 on CPU, 512 on CUDA")
     parser.add_argument("--sdxl-resolution", type=int, default=None, help="default 256 on CPU, 1024 on CUDA")
+    parser.add_argument("--flux-resolution", type=int, default=None, help="default 1024 (4096 image tokens)")
+    parser.add_argument(
+        "--flux-hidden",
+        type=int,
+        default=None,
+        help=f"Flux width, a multiple of {HEAD_DIM} (heads of {HEAD_DIM}); default 1024 on CPU (a forward of 1 + 2 blocks at 3072 "
+        "takes ~35 s on 1 core), 3072 (Flux.1's) on CUDA",
+    )
+    parser.add_argument("--flux-blocks", default=None, help="Flux double,single blocks; default 1,2 on CPU, 19,38 (Flux.1's) on CUDA")
+    parser.add_argument("--flux-negative-tokens", type=int, default=512, help="NAG negative's T5 tokens (default 512, as the prompt)")
     parser.add_argument("--batch", type=int, default=1, help="images B (default 1)")
     parser.add_argument(
-        "--repeats", type=int, default=None, help="timed steps per variant, even (default on CPU: SD1.5 10, SDXL 6; on CUDA 30)"
+        "--repeats", type=int, default=None, help="timed steps per variant, even (default on CPU: SD1.5 10, SDXL 6, Flux 6; on CUDA 30)"
     )
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed passes over the variants before timing, after the first (default CPU 0, CUDA 2)"
@@ -919,6 +1296,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("fp16" if cuda else "fp32")
     args.warmup = (2 if cuda else 0) if args.warmup is None else args.warmup
+    args.flux_hidden = args.flux_hidden or (FLUX.hidden_size if cuda else 1024)
+    args.flux_blocks = tuple(int(n) for n in (args.flux_blocks or ("19,38" if cuda else "1,2")).split(","))
+    if args.flux_hidden % HEAD_DIM or len(args.flux_blocks) != 2:
+        parser.error(f"--flux-hidden must be a multiple of {HEAD_DIM} and --flux-blocks two numbers (double,single)")
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in args.models if name not in MODELS]
     if unknown:
@@ -926,10 +1307,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def default_repeats(spec: UNetSpec, args: argparse.Namespace) -> int:
+def default_repeats(spec: UNetSpec | FluxSpec, args: argparse.Namespace) -> int:
     if torch.device(args.device).type == "cuda":
         return 30
-    return {SD15.name: 10, SDXL.name: 6}.get(spec.name, 2)
+    return {SD15.name: 10, SDXL.name: 6, FLUX.name: 6}.get(spec.name, 2)
 
 
 def resolution_for(name: str, args: argparse.Namespace) -> int:
@@ -939,7 +1320,7 @@ def resolution_for(name: str, args: argparse.Namespace) -> int:
     if args.resolution:
         return args.resolution
     cuda = torch.device(args.device).type == "cuda"
-    return {"sd15": 512 if cuda else 256, "sdxl": 1024 if cuda else 256}.get(name, 64)
+    return {"sd15": 512 if cuda else 256, "sdxl": 1024 if cuda else 256, "flux": 1024}.get(name, 64)
 
 
 def header(args: argparse.Namespace) -> list[str]:
@@ -985,6 +1366,11 @@ def header(args: argparse.Namespace) -> list[str]:
         "Defaults: on CPU SD1.5 and SDXL at 256² (latent 32²), batch 1, fp32, 10 (SD1.5) and 6 (SDXL) timed steps per variant, "
         "about 6 minutes on 2 cores when the machine is quiet (SD1.5 (a) ≈ 1.6 s, SDXL (a) ≈ 5 s per step); on CUDA SD1.5 at 512², "
         "SDXL at 1024², fp16, 30 steps.",
+        "Flux (--models flux): Forge's Flux stand-in with random weights at 1024²-shaped tokens, CFG 1 (cond_or_uncond [0]), NAG "
+        f"negative of {args.flux_negative_tokens} T5 tokens; width {args.flux_hidden} ({args.flux_hidden // HEAD_DIM} heads of "
+        f"{HEAD_DIM}; Flux.1: 3072), {args.flux_blocks[0]} double + {args.flux_blocks[1]} single blocks (Flux.1: 19 + 38). "
+        "On CPU the default is 1024 wide, 1 + 2 blocks, 6 steps per variant (a few minutes); on CUDA Flux.1's full size. Timed "
+        "like the UNets, ratios to (f); no memory measurement.",
     ]
 
 
@@ -1005,7 +1391,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(line)
     results = {}
     for name in args.models:
-        results[name] = run_model(MODELS[name], resolution_for(name, args), args)
+        if isinstance(MODELS[name], FluxSpec):
+            results[name] = run_flux_model(flux_spec_for(name, args), resolution_for(name, args), args)
+        else:
+            results[name] = run_model(MODELS[name], resolution_for(name, args), args)
         sys.stdout.flush()
     report = {
         "machine": {

@@ -105,3 +105,43 @@ def test_main_writes_every_number(tmp_path):
         assert result["checks"]["b_uncond_bit_identical_to_a"] is True
         assert result["checks"]["c_uncond_bit_identical_to_a"] is True
         assert result["noise"]["a_iqr_over_median"] >= 0
+
+
+def test_flux_variants_and_floor():
+    model = bench.FluxBench(bench.TINY_FLUX, resolution=64, batch=BATCH)
+    keys = list(bench.FLUX_VARIANTS)
+    counted, outputs = bench.counted_flops(model.run, keys, keep_outputs=True)
+    assert {key: out.shape[0] for key, out in outputs.items()} == {"f": BATCH, "g": BATCH, "h": 2 * BATCH}
+    f, g, h = (outputs[key] for key in keys)
+    assert (g - f).abs().max() > 1e-4 * f.abs().max()  # NAG moved the cond rows
+    assert torch.allclose(h[:BATCH], f, rtol=1e-4, atol=1e-5 * f.abs().max().item())  # (h) = (f) plus the negative's rows
+    assert model.checks(outputs)["finite"]
+
+    image_tokens = bench.TINY_FLUX.image_tokens(64)
+    floor = bench.flux_nag_flops(bench.TINY_FLUX, image_tokens, BATCH)
+    assert floor["matmul_flops"] == counted["g"] - counted["f"]  # counter and analytic matmuls agree
+    assert bench.flux_pass_flops(bench.TINY_FLUX, image_tokens, BATCH) == counted["h"] - counted["f"]
+    assert 0 < floor["floor_flops"] < counted["h"] - counted["f"]
+
+
+def test_flux_options_set_width_and_depth():
+    args = bench.parse_args(["--models", "flux", "--device", "cpu", "--flux-hidden", "256", "--flux-blocks", "2,4"])
+    spec = bench.flux_spec_for("flux", args)
+    assert (spec.hidden_size, spec.num_heads, spec.double_blocks, spec.single_blocks) == (256, 2, 2, 4)
+    assert (spec.context_dim, spec.pooled_dim, spec.axes_dim, spec.negative_tokens) == (4096, 768, (16, 56, 56), 512)
+    assert bench.resolution_for("flux", args) == 1024 and spec.image_tokens(1024) == 4096
+    assert bench.flux_spec_for("tiny-flux", args) is bench.TINY_FLUX
+
+
+def test_main_writes_the_flux_numbers(tmp_path):
+    path = tmp_path / "bench.json"
+    bench.main(["--models", "tiny-flux", "--batch", "1", "--repeats", "2", "--warmup", "0", "--json", str(path)])
+    result = json.loads(path.read_text())["models"]["tiny-flux"]
+    assert set(result["variants"]) == {"f", "g", "h"}
+    for variant in result["variants"].values():
+        assert {"label", "rows", "median_ms", "ratio_to_f", "times_ms", "counted_flops"} <= set(variant)
+        assert variant["median_ms"] > 0 and len(variant["times_ms"]) == 2
+    assert {"floor_flops", "fraction", "counted_extra_g", "counted_extra_h", "floor_over_extra_pass"} <= set(result["floor"])
+    assert "nag_extra_over_extra_pass" in result
+    assert set(result["targets"]) == {"floor", "extra_pass"}
+    assert all(isinstance(target["pass"], bool) for target in result["targets"].values())
