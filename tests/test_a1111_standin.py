@@ -1,5 +1,5 @@
 """Smoke test of the A1111 v1.10.1 stand-in (tests/a1111): whole jobs through ``process_images``, and the
-CFGDenoiser batch layouts and UNet-call slicing that /work/research/a1111-sampling.md §1 describes."""
+CFGDenoiser batch layouts and UNet-call slicing that A1111 v1.10.1's CFGDenoiser builds (shared/docs/host-notes.md §3)."""
 
 import sys
 from dataclasses import dataclass, field
