@@ -1,6 +1,7 @@
 """An independent reference of NAG on Flux.1 and Chroma, written from the authors' ComfyUI-NAG
 (ChenDarYen/ComfyUI-NAG @ ef8a641: flux/model.py NAGFlux, flux/layers.py NAGDoubleStreamBlock and
-NAGSingleStreamBlock, chroma/model.py NAGChroma, utils.py cat_context): the NAG rows are appended to
+NAGSingleStreamBlock, chroma/model.py NAGChroma (on ComfyUI's Chroma, as Neo's port: ``get_modulations``
+of 344 vectors; on Forge main's: ``distribute_modulations``), utils.py cat_context): the NAG rows are appended to
 the batch, both text contexts are brought to one length by repeating them (the padding in front),
 and the padding is cut before each attention. It runs a float64 copy of a stand-in model, whose last
 ``len(nag_context)`` rows are the positive ones (the ComfyUI layout). Flux.1 Kontext as NAGFlux.forward:
@@ -123,13 +124,52 @@ def with_references(img, img_ids, refs):
     return img, img_ids
 
 
+def chroma_vectors(model, timestep, length):
+    """Chroma's ``length`` modulation vectors per row: the time, zero guidance and index embeddings
+    through the distilled guidance layer."""
+    time_guidance = torch.cat([timestep_embedding(timestep, 16), timestep_embedding(torch.zeros_like(timestep), 16)], 1)
+    index = timestep_embedding(torch.arange(length), 32).double()
+    return model.distilled_guidance_layer(
+        torch.cat([time_guidance[:, None].expand(-1, length, -1), index[None].expand(len(timestep), -1, -1)], -1)
+    )
+
+
+def cut(modulation, bn):
+    """A ModulationOut without its last ``bn`` rows."""
+    return SimpleNamespace(shift=modulation.shift[:-bn], scale=modulation.scale[:-bn], gate=modulation.gate[:-bn])
+
+
+def forge_chroma_modulations(model, timestep, bn):
+    """NAGChroma's modulations on Forge main's Chroma: its vectors for its depth, distributed."""
+    vectors = chroma_vectors(model, timestep, len(model.double_blocks) * 12 + len(model.single_blocks) * 3 + 2)
+    mods = model.distribute_modulations(torch.cat((vectors, vectors[-bn:])), len(model.single_blocks), len(model.double_blocks))
+    double_mods = [
+        ([cut(m, bn) for m in mods[f"double_blocks.{i}.img_mod.lin"]], mods[f"double_blocks.{i}.txt_mod.lin"])
+        for i in range(len(model.double_blocks))
+    ]
+    single_mods = [mods[f"single_blocks.{i}.modulation.lin"] for i in range(len(model.single_blocks))]
+    return double_mods, single_mods, [t[:-bn] for t in mods["final_layer.adaLN_modulation.1"]]
+
+
+def comfy_chroma_modulations(model, vectors, bn):
+    """NAGChroma on ComfyUI's Chroma (Neo's port): the last ``bn`` rows' vectors appended for the NAG
+    rows, ``get_modulations`` per block; the image stream and the final layer without the NAG rows."""
+    vectors = torch.cat((vectors, vectors[-bn:]))
+    double_mods = [
+        ([cut(m, bn) for m in model.get_modulations(vectors, "double_img", idx=i)], model.get_modulations(vectors, "double_txt", idx=i))
+        for i in range(len(model.double_blocks))
+    ]
+    single_mods = [model.get_modulations(vectors, "single", idx=i) for i in range(len(model.single_blocks))]
+    return double_mods, single_mods, model.get_modulations(vectors[:-bn], "final")
+
+
 def reference_joint(model, x, timestep, context, nag_context, nag, y=None, nag_y=None, guidance=None, refs=()):
     """The model's output with NAG on the last ``len(nag_context)`` rows, in float64 (returned as x's
     dtype). ``nag`` is (scale, tau, alpha); ``y``/``nag_y``/``guidance`` are Flux's, ``refs`` Kontext's
     reference latents (one row per row of ``x``); ``timestep`` is the one the blocks embed."""
     model = copy.deepcopy(model).double()
     dtype, (x, timestep, context, nag_context) = x.dtype, (t.double() for t in (x, timestep, context, nag_context))
-    is_chroma = hasattr(model, "distribute_modulations")
+    is_chroma, is_comfy_chroma = hasattr(model, "distribute_modulations"), hasattr(model, "get_modulations")
     bn, (h, w) = len(nag_context), x.shape[2:]
     img, img_ids = process_img(x)
     img_tokens = img.shape[1]
@@ -140,24 +180,10 @@ def reference_joint(model, x, timestep, context, nag_context, nag, y=None, nag_y
     pe_negative = model.pe_embedder(torch.cat((torch.zeros(bn, nag_context.shape[1], 3).double(), img_ids[-bn:]), 1)).double()
     pe = pe.double()
     txt = model.txt_in(txt)
-    if is_chroma:
-        length = len(model.double_blocks) * 12 + len(model.single_blocks) * 3 + 2
-        time_guidance = torch.cat([timestep_embedding(timestep, 16), timestep_embedding(torch.zeros_like(timestep), 16)], 1)
-        index = timestep_embedding(torch.arange(length), 32).double()
-        vectors = model.distilled_guidance_layer(
-            torch.cat([time_guidance[:, None].expand(-1, length, -1), index[None].expand(len(x), -1, -1)], -1)
-        )
-        mods = model.distribute_modulations(torch.cat((vectors, vectors[-bn:])), len(model.single_blocks), len(model.double_blocks))
-
-        def cut(m):
-            return SimpleNamespace(shift=m.shift[:-bn], scale=m.scale[:-bn], gate=m.gate[:-bn])
-
-        double_mods = [
-            ([cut(m) for m in mods[f"double_blocks.{i}.img_mod.lin"]], mods[f"double_blocks.{i}.txt_mod.lin"])
-            for i in range(len(model.double_blocks))
-        ]
-        single_mods = [mods[f"single_blocks.{i}.modulation.lin"] for i in range(len(model.single_blocks))]
-        final = [t[:-bn] for t in mods["final_layer.adaLN_modulation.1"]]
+    if is_comfy_chroma:
+        double_mods, single_mods, final = comfy_chroma_modulations(model, chroma_vectors(model, timestep, 344), bn)
+    elif is_chroma:
+        double_mods, single_mods, final = forge_chroma_modulations(model, timestep, bn)
     else:
         vec = model.time_in(timestep_embedding(timestep, 256))
         if guidance is not None:

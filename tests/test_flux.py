@@ -1,12 +1,13 @@
 """NAG on Flux.1 and Chroma through lib_nag.hosts.forge_flux, on tiny stand-ins of Forge main's
-backend/nn/flux.py and chroma.py and of Forge Neo's Flux.1 (backend/nn/flux_neo.py, Kontext too),
+backend/nn/flux.py and chroma.py and of Forge Neo's Flux.1 (backend/nn/flux_neo.py, Kontext too) and
+Chroma (backend/nn/chroma_neo.py),
 against the ComfyUI-NAG reference (tests/reference_joint.py)."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
-from backend.nn import flux_neo
+from backend.nn import chroma_neo, flux_neo
 from backend.nn.chroma import IntegratedChromaTransformer2DModel
 from backend.nn.flux import IntegratedFluxTransformer2DModel
 from backend.patcher.unet import UnetPatcher
@@ -23,6 +24,7 @@ from lib_nag.params import NagParams
 PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
 NAG = (PARAMS.scale, PARAMS.tau, PARAMS.alpha)
 IMAGES, T5, POOLED, PROMPT_TOKENS = 2, 32, 12, 7
+CHROMAS = ("chroma", "neo-chroma")  # T5 only: the NAG negative is a tensor
 SIZES = {"hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2, "axes_dim": [4, 6, 6], "theta": 10000}
 
 
@@ -39,6 +41,9 @@ def tiny_model(kind):
     if kind == "neo":
         flux1 = {"patch_size": 2, "qkv_bias": True, "guidance_embed": True, "txt_ids_dims": []}
         return randomized(flux_neo.IntegratedFluxTransformer2DModel(4, 4, POOLED, T5, **flux1, **SIZES))
+    if kind == "neo-chroma":
+        approximator = {"in_dim": 64, "out_dim": SIZES["hidden_size"], "hidden_dim": 32, "n_layers": 2}
+        return randomized(chroma_neo.IntegratedChromaTransformer2DModel(16, 16, T5, **SIZES, patch_size=2, qkv_bias=True, **approximator))
     return randomized(
         IntegratedChromaTransformer2DModel(4, T5, qkv_bias=True, guidance_out_dim=64, guidance_hidden_dim=32, guidance_n_layers=2, **SIZES)
     )
@@ -53,7 +58,7 @@ def batch(kind, chunks, negative_tokens=5):
     timestep = sigmas.repeat(len(chunks)) * (1000 if kind == "neo" else 1)
     arguments = {"x": torch.randn(rows, 4, 5, 6), "timestep": timestep, "context": torch.randn(rows, PROMPT_TOKENS, T5)}
     options = {"transformer_options": {"cond_or_uncond": chunks, "sigmas": sigmas}}
-    if kind == "chroma":
+    if kind in CHROMAS:
         return arguments | options, torch.randn(IMAGES, negative_tokens, T5)
     conditioning = {"y": torch.randn(rows, POOLED), "guidance": torch.full((rows,), 3.5)}
     return arguments | conditioning | options, {
@@ -86,7 +91,7 @@ def reference(model, kind, arguments, negative, refs=()):
     rows["timestep"] = rows["timestep"] / (1000 if kind == "neo" else 1)
     rows["refs"] = [ref[order] for ref in refs]
     images = [r % IMAGES for r in cond]
-    if kind == "chroma":
+    if kind in CHROMAS:
         out = reference_joint(model, **rows, nag_context=negative[images], nag=NAG)
     else:
         out = reference_joint(
@@ -100,7 +105,7 @@ def relative(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-KINDS = ["flux", "chroma", "neo"]
+KINDS = ["flux", "chroma", "neo", "neo-chroma"]
 LAYOUTS = {"cond only": [0], "uncond, cond": [1, 0], "cond, uncond": [0, 1]}
 
 
@@ -139,7 +144,7 @@ def test_without_a_cond_chunk_or_outside_the_window_the_model_runs_its_own_forwa
 def test_a_nag_negative_equal_to_the_prompt_changes_nothing(kind, record_difference):
     model = tiny_model(kind)
     arguments, _ = batch(kind, [0])
-    negative = arguments["context"] if kind == "chroma" else {"crossattn": arguments["context"], "vector": arguments["y"]}
+    negative = arguments["context"] if kind in CHROMAS else {"crossattn": arguments["context"], "vector": arguments["y"]}
     difference = relative(guided(model, negative, arguments), model(**arguments))
     record_difference(difference)
     assert difference <= 1e-5
@@ -164,7 +169,7 @@ def flux_sd_model(kind):
 
 def flux_pass(kind, negative, params=PARAMS):
     """A FluxPass whose job encodes ``negative`` (one row per image) for every step."""
-    per_image = list(negative) if kind == "chroma" else [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
+    per_image = list(negative) if kind in CHROMAS else [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
     schedules = [[prompt_parser.ScheduledPromptConditioning(10, cond)] for cond in per_image]
     job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda p, params, is_hires: schedules))
     return FluxPass(job, PassReport(is_hires=False))

@@ -1,7 +1,9 @@
 """NAG on Forge Neo's Flux.1 with Kontext reference latents (tests/forge/backend/nn/flux_neo.py): the
 references' tokens are image-stream tokens, as in the authors' NAGFlux (guided, their q/k/v reused by
 the NAG rows), and Neo's forward drops them at the end (``out[:, :img_tokens]``), not NAG. The issue
-text says "never guided, never dropped"; the authors' code guides them, and this follows the code."""
+text says "never guided, never dropped"; the authors' code guides them, and this follows the code.
+Neo's Flux.1 and Chroma (tests/forge/backend/nn/chroma_neo.py) leave to the host the calls NAG's run
+of the blocks would change, and Neo's model variants that NAG does not run are named."""
 
 import pytest
 import torch
@@ -91,9 +93,10 @@ def host_only_inputs(arguments):
 
 
 @pytest.mark.parametrize("extra", ["ControlNet", "attention mask", "post_input patch", "dit replace patch"])
-def test_a_call_with_what_only_the_host_runs_gets_the_hosts_forward_orig(extra):
-    model = tiny_model("neo")
-    arguments, negative = batch("neo", [1, 0])
+@pytest.mark.parametrize("kind", ["neo", "neo-chroma"])
+def test_a_call_with_what_only_the_host_runs_gets_the_hosts_forward_orig(kind, extra):
+    model = tiny_model(kind)
+    arguments, negative = batch(kind, [1, 0])
     arguments |= host_only_inputs(arguments)[extra]
     calls = []
     assert torch.equal(guided(model, negative, arguments, calls=calls), model(**arguments))
@@ -107,3 +110,13 @@ def test_neo_flux2_variants_are_named_not_run():
     sd_model.forge_objects.unet.model.diffusion_model.global_modulation = True  # Flux.2's shared modulation
     assert host.pass_for(sd_model) is None
     assert "IntegratedFluxTransformer2DModel is another one" in host.unsupported_reason(sd_model)
+
+
+@pytest.mark.parametrize("skipped", ["skip_mmdit", "skip_dit"])
+def test_neo_chroma_with_skipped_blocks_is_named_not_run(skipped):
+    sd_model = flux_sd_model("neo-chroma")
+    host = ForgeHost.__new__(ForgeHost)
+    assert host.pass_for(sd_model) is FluxPass
+    setattr(sd_model.forge_objects.unet.model.diffusion_model, skipped, [0])  # Neo's forward_orig would leave block 0 out
+    assert host.pass_for(sd_model) is None
+    assert "IntegratedChromaTransformer2DModel is another one" in host.unsupported_reason(sd_model)

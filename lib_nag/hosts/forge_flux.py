@@ -1,6 +1,7 @@
 """NAG for Flux.1 and Chroma on Forge (``backend/nn/flux.py`` and ``backend/nn/chroma.py``, read at
-Forge main dfdcbab6) and for Flux.1 and Flux.1 Kontext on Forge Neo (its ComfyUI port,
-``backend/nn/flux.py`` read at 06d6af9a), as the authors' ComfyUI-NAG does it (see
+Forge main dfdcbab6) and for Flux.1, Flux.1 Kontext and Chroma on Forge Neo (its ComfyUI ports,
+``backend/nn/flux.py`` read at 06d6af9a; ``backend/nn/chroma.py`` read in a copy of Neo v3.5,
+exo101/sd-webui-forge-neo-v3 @ 5692d2d1), as the authors' ComfyUI-NAG does it (see
 ``lib_nag.joint_attention``).
 
 ``nag_forward`` builds a replacement for the diffusion model's entry point: Forge main's ``forward``,
@@ -172,6 +173,11 @@ def _triple(modulation: Any) -> Modulation:
     return modulation.shift, modulation.scale, modulation.gate
 
 
+def _double_triples(*pairs: Any) -> tuple[DoubleModulations, ...]:
+    """Pairs of ``ModulationOut`` (before the attention, before the MLP) as pairs of triples."""
+    return tuple(tuple(_triple(modulation) for modulation in pair) for pair in pairs)
+
+
 def _triples(out: tuple) -> tuple[Modulation, ...]:
     """A ``Modulation`` layer's output as (shift, scale, gate) triples: Forge main's 6 or 3 tensors,
     or Neo's ``(ModulationOut, ModulationOut | None)``."""
@@ -207,7 +213,7 @@ class _ChromaModulations:
 
     def double(self, index: int, block: torch.nn.Module) -> tuple[DoubleModulations, DoubleModulations, DoubleModulations]:
         img, txt = f"double_blocks.{index}.img_mod.lin", f"double_blocks.{index}.txt_mod.lin"
-        return tuple(tuple(_triple(m) for m in pair) for pair in (self.batch[img], self.batch[txt], self.negative[txt]))
+        return _double_triples(self.batch[img], self.batch[txt], self.negative[txt])
 
     def single(self, index: int, block: torch.nn.Module) -> tuple[Modulation, Modulation]:
         key = f"single_blocks.{index}.modulation.lin"
@@ -215,6 +221,29 @@ class _ChromaModulations:
 
     def final(self, model: torch.nn.Module, img: torch.Tensor) -> torch.Tensor:
         return model.final_layer(img, self.batch["final_layer.adaLN_modulation.1"])
+
+
+@dataclass(frozen=True)
+class _NeoChromaModulations:
+    """Neo's Chroma: ``get_modulations`` views of the batch's modulation vectors and of the NAG rows'
+    (the positive rows' own)."""
+
+    model: torch.nn.Module
+    batch: torch.Tensor
+    negative: torch.Tensor
+
+    def double(self, index: int, block: torch.nn.Module) -> tuple[DoubleModulations, DoubleModulations, DoubleModulations]:
+        get = self.model.get_modulations
+        return _double_triples(
+            get(self.batch, "double_img", idx=index), get(self.batch, "double_txt", idx=index), get(self.negative, "double_txt", idx=index)
+        )
+
+    def single(self, index: int, block: torch.nn.Module) -> tuple[Modulation, Modulation]:
+        batch, negative = (_triple(self.model.get_modulations(vectors, "single", idx=index)) for vectors in (self.batch, self.negative))
+        return batch, negative
+
+    def final(self, model: torch.nn.Module, img: torch.Tensor) -> torch.Tensor:
+        return model.final_layer(img, model.get_modulations(self.batch, "final"))
 
 
 def _blocks(
@@ -261,16 +290,24 @@ def _flux_modulations(model: torch.nn.Module, host: Any, call_inputs: _Inputs, y
     return _FluxModulations(vec + model.vector_in(call_inputs.y[:, :width]), vec_negative)
 
 
+NEO_CHROMA_VECTORS = 344  # Neo's Chroma makes Chroma's 12·19 double + 3·38 single + 2 vectors whatever its depth
+
+
 def _chroma_modulations(model: torch.nn.Module, host: Any, call_inputs: _Inputs) -> _Modulations:
-    """Forge's Chroma modulation vectors (time, zero guidance and block index through the distilled
-    guidance layer), distributed for the batch and for the NAG rows."""
+    """Chroma's modulation vectors (time, guidance: Forge main's zero, Neo's as given, and block index
+    through the distilled guidance layer) for the batch and for the NAG rows: distributed (Forge main)
+    or viewed through ``get_modulations`` (Neo)."""
     device, dtype, timestep = call_inputs.device, call_inputs.dtype, call_inputs.timestep
-    length = len(model.double_blocks) * 12 + len(model.single_blocks) * 3 + 2
+    is_neo = hasattr(model, "get_modulations")
+    length = NEO_CHROMA_VECTORS if is_neo else len(model.double_blocks) * 12 + len(model.single_blocks) * 3 + 2
+    guidance = torch.zeros_like(timestep) if call_inputs.guidance is None else call_inputs.guidance
     distill_timestep = host.timestep_embedding(timestep.detach().clone(), 16).to(device=device, dtype=dtype)
-    distil_guidance = host.timestep_embedding(torch.zeros_like(timestep), 16).to(device=device, dtype=dtype)
+    distil_guidance = host.timestep_embedding(guidance.detach().clone(), 16).to(device=device, dtype=dtype)
     index = host.timestep_embedding(torch.arange(length), 32).to(device=device, dtype=dtype).unsqueeze(0).repeat(call_inputs.rows, 1, 1)
     timestep_guidance = torch.cat([distill_timestep, distil_guidance], dim=1).unsqueeze(1).repeat(1, length, 1)
     vectors = model.distilled_guidance_layer(torch.cat([timestep_guidance, index], dim=-1))
+    if is_neo:
+        return _NeoChromaModulations(model, vectors, call_inputs.positive.take(vectors))
     counts = (len(model.single_blocks), len(model.double_blocks))
     return _ChromaModulations(
         model.distribute_modulations(vectors, *counts), model.distribute_modulations(call_inputs.positive.take(vectors), *counts)
@@ -324,13 +361,15 @@ def object_patch_name(model: Any) -> str:
     return f"diffusion_model.{entry_point(model)}"
 
 
-def _neo_runs_blocks_only(model: torch.nn.Module, options: dict, y: Any, guidance: Any, control: Any, attn_mask: Any) -> bool:
-    """Whether Neo's ``forward_orig`` would only run the Flux.1 blocks on this call, as NAG does: no
-    ControlNet residuals, attention mask, ``post_input`` or ``dit`` block patches, and the pooled
-    vector and (for a guidance-distilled model) the guidance that NAG's rows take."""
+def _neo_runs_blocks_only(model: torch.nn.Module, named: dict[str, Any]) -> bool:
+    """Whether Neo's ``forward_orig`` (its arguments by name) would only run the blocks on this call, as
+    NAG does: no ControlNet residuals, attention mask, ``post_input`` or ``dit`` block patches, and for
+    Flux.1 the pooled vector and (for a guidance-distilled model) the guidance that NAG's rows take."""
+    options = named["transformer_options"]
     patched = "post_input" in options.get("patches", {}) or bool(options.get("patches_replace", {}).get("dit"))
-    has_inputs = y is not None and (guidance is not None or not model.guidance_embed)
-    return control is None and attn_mask is None and not patched and has_inputs
+    y, guidance = named.get("y"), named["guidance"]
+    has_inputs = hasattr(model, "distilled_guidance_layer") or (y is not None and (guidance is not None or not model.guidance_embed))
+    return named["control"] is None and named["attn_mask"] is None and not patched and has_inputs
 
 
 @dataclass(frozen=True)
@@ -356,8 +395,8 @@ class _NagRunner:
         on_guided: OnCall | None,
     ) -> None:
         self.model, self.negative, self.params, self.is_active, self.on_guided = model, negative, params, is_active, on_guided
-        self.host = sys.modules[type(model).__module__]
-        self.is_chroma = hasattr(model, "distribute_modulations")
+        self.host = sys.modules[type(model.double_blocks[0]).__module__]  # attention, modulation, fp16_fix, embeddings
+        self.is_chroma = hasattr(model, "distilled_guidance_layer")
 
     def positive(self, n: torch.Tensor, context: torch.Tensor, options: dict) -> PositiveRows | None:
         """The positive rows of a call NAG guides; ``None`` outside the window or without a cond chunk."""
@@ -378,31 +417,25 @@ class _NagRunner:
         tokens = _Tokens(img, img_ids, context, _text_ids(x.shape[0], context.shape[1], x))
         return _image(self.blocks(tokens, positive, timestep, y, guidance), x.shape[2], x.shape[3])
 
-    def forward_orig(
-        self,
-        img: torch.Tensor,
-        img_ids: torch.Tensor,
-        txt: torch.Tensor,
-        txt_ids: torch.Tensor,
-        timesteps: torch.Tensor,
-        y: torch.Tensor | None,
-        guidance: torch.Tensor | None = None,
-        control: Any = None,
-        transformer_options: dict | None = None,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Neo's ``forward_orig``, called by Neo's ``forward`` with the tokens (Kontext's included) and
-        the timestep /1000; the step window is the pass's, read from ``transformer_options``."""
-        options = transformer_options if transformer_options is not None else {}
-        arguments = (img, img_ids, txt, txt_ids, timesteps, y, guidance, control, options, attn_mask)
-        positive = self.positive(img, txt, options)
-        if positive is not None and not _neo_runs_blocks_only(self.model, options, y, guidance, control, attn_mask):
+    def forward_orig(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Neo's ``forward_orig``, called by Neo's ``forward`` and read by the host's own signature:
+        Flux.1's ``(img, img_ids, txt, txt_ids, timesteps, y, guidance, control, transformer_options,
+        attn_mask)`` (Kontext's tokens included, the timestep /1000) or Chroma's, the same without ``y``
+        (the timestep as given, zero guidance unless given). The step window is the pass's, read from
+        ``transformer_options``."""
+        model = self.model
+        call = inspect.signature(type(model).forward_orig).bind(model, *args, **kwargs)
+        call.apply_defaults()
+        named = call.arguments
+        positive = self.positive(named["img"], named["txt"], named["transformer_options"])
+        if positive is not None and not _neo_runs_blocks_only(model, named):
             if self.on_guided is not None:
                 self.on_guided(False, STOOD_ASIDE)
             positive = None
         if positive is None:
-            return type(self.model).forward_orig(self.model, *arguments)
-        return self.blocks(_Tokens(img, img_ids, txt, txt_ids), positive, timesteps, y, guidance)
+            return type(model).forward_orig(*call.args, **call.kwargs)
+        tokens = _Tokens(named["img"], named["img_ids"], named["txt"], named["txt_ids"])
+        return self.blocks(tokens, positive, named["timesteps"], named.get("y"), named["guidance"])
 
     def blocks(
         self, tokens: _Tokens, positive: PositiveRows, timestep: torch.Tensor, y: torch.Tensor | None, guidance: torch.Tensor | None
@@ -444,7 +477,7 @@ def nag_forward(
     on_guided: OnCall | None = None,
 ) -> Forward:
     """A replacement for the model's ``entry_point`` (a Forge ``IntegratedFluxTransformer2DModel`` or
-    ``IntegratedChromaTransformer2DModel``: ``forward``; Neo's Flux.1: ``forward_orig``) that guides
+    ``IntegratedChromaTransformer2DModel``: ``forward``; Neo's Flux.1 and Chroma: ``forward_orig``) that guides
     the cond rows with NAG.
 
     ``negative()`` is the NAG negative now, one row per image of the batch: for Flux the conditioning
@@ -455,8 +488,7 @@ def nag_forward(
     is told, for each active call, whether it was guided, and if not, why ("": its rows could not
     be placed).
     """
-    runner = _NagRunner(model, negative, params, is_active, on_guided)
-    entry = getattr(runner, entry_point(model))
+    entry = getattr(_NagRunner(model, negative, params, is_active, on_guided), entry_point(model))
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
         return entry(*args, **kwargs)
@@ -482,14 +514,29 @@ def is_joint_transformer(model: Any) -> bool:
     return all(hasattr(model, name) for name in ("double_blocks", "single_blocks", "txt_in", "img_in"))
 
 
+def _neo_blocks_in_flux1_form(model: Any, modulation: bool) -> bool:
+    """Neo's blocks as Flux.1 has them: with (or, Chroma, without) per-block modulation layers, text
+    before image, Flux.1's MLPs."""
+    doubles = all(getattr(block, "modulation", None) is modulation and not block.flipped_img_txt for block in model.double_blocks)
+    return doubles and all(not block.yak_mlp and block.mlp_hidden_dim_first == block.mlp_hidden_dim for block in model.single_blocks)
+
+
 def _is_neo_flux1(model: Any) -> bool:
-    """Neo's port in its Flux.1 form: per-block modulation layers, no text norm or text position ids,
-    Flux.1's MLPs, text before image (its Flux.2 variants and its Chroma are not run)."""
+    """Neo's port in its Flux.1 form: per-block modulation layers, no text norm or text position ids
+    (its Flux.2 variants are not run)."""
     flux1 = {"global_modulation": False, "txt_norm": None, "txt_ids_dims": []}
     if not hasattr(model, "vec_in_dim") or any(getattr(model, name, True) != value for name, value in flux1.items()):
         return False
-    doubles = all(getattr(block, "modulation", None) is True and not block.flipped_img_txt for block in model.double_blocks)
-    return doubles and all(not block.yak_mlp and block.mlp_hidden_dim_first == block.mlp_hidden_dim for block in model.single_blocks)
+    return _neo_blocks_in_flux1_form(model, modulation=True)
+
+
+def _is_neo_chroma(model: Any) -> bool:
+    """Neo's port of ComfyUI's Chroma: modulations from ``get_modulations``, Flux.1 blocks without
+    modulation layers, no block skipped (``skip_mmdit``, ``skip_dit``)."""
+    if not (hasattr(model, "get_modulations") and hasattr(model, "distilled_guidance_layer")):
+        return False
+    skips = getattr(model, "skip_mmdit", None), getattr(model, "skip_dit", None)
+    return skips == ([], []) and _neo_blocks_in_flux1_form(model, modulation=False)
 
 
 def _is_forge_main_flux(model: Any) -> bool:
@@ -499,11 +546,11 @@ def _is_forge_main_flux(model: Any) -> bool:
 
 
 def is_flux_family(model: Any) -> bool:
-    """Flux.1 or Chroma as Forge main builds them (``inner_forward``), or Flux.1 (Kontext too) as
-    Forge Neo's ComfyUI port builds it (``forward_orig``)."""
+    """Flux.1 or Chroma as Forge main builds them (``inner_forward``), or Flux.1 (Kontext too) or Chroma
+    as Forge Neo's ComfyUI ports build them (``forward_orig``)."""
     if not is_joint_transformer(model):
         return False
-    return _is_neo_flux1(model) if _is_comfy_port(model) else _is_forge_main_flux(model)
+    return (_is_neo_flux1(model) or _is_neo_chroma(model)) if _is_comfy_port(model) else _is_forge_main_flux(model)
 
 
 class ModelCalls:

@@ -59,22 +59,24 @@ def apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
 
 
 class DoubleStreamBlock(flux.DoubleStreamBlock):
-    """Forge main's submodules, with Neo's ``Modulation`` and flags."""
+    """Forge main's submodules, with Neo's ``Modulation`` and flags; without modulation layers
+    (``modulation=False``, Chroma) ``vec`` is the modulations, ``((img_mod1, img_mod2), (txt_mod1, txt_mod2))``."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio, qkv_bias=False):
+    def __init__(self, hidden_size, num_heads, mlp_ratio, qkv_bias=False, modulation=True):
         super().__init__(hidden_size, num_heads, mlp_ratio, qkv_bias)
-        self.modulation = True
+        self.modulation = modulation
         self.flipped_img_txt = False
-        self.img_mod = Modulation(hidden_size, double=True)
-        self.txt_mod = Modulation(hidden_size, double=True)
+        del self.img_mod, self.txt_mod  # Forge main's
+        if modulation:
+            self.img_mod = Modulation(hidden_size, double=True)
+            self.txt_mod = Modulation(hidden_size, double=True)
 
     def stream_qkv(self, attn, normed, mod):
         """Neo writes this inline for each stream: modulation, ``qkv``, heads split."""
         return split_heads(attn.qkv(apply_mod(normed, 1 + mod.scale, mod.shift)), self.num_heads)
 
     def forward(self, img, txt, vec, pe, attn_mask=None, transformer_options={}):  # noqa: B006
-        img_mod1, img_mod2 = self.img_mod(vec)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = (self.img_mod(vec), self.txt_mod(vec)) if self.modulation else vec
         img_q, img_k, img_v = self.stream_qkv(self.img_attn, self.img_norm1(img), img_mod1)
         img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
         txt_q, txt_k, txt_v = self.stream_qkv(self.txt_attn, self.txt_norm1(txt), txt_mod1)
@@ -91,7 +93,9 @@ class DoubleStreamBlock(flux.DoubleStreamBlock):
 
 
 class SingleStreamBlock(nn.Module):
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    """Without a modulation layer (``modulation=False``, Chroma) ``vec`` is the ``ModulationOut``."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, modulation=True):
         super().__init__()
         self.hidden_dim = hidden_size
         self.num_heads = num_heads
@@ -104,10 +108,10 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads)
         self.hidden_size = hidden_size
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.modulation = Modulation(hidden_size, double=False)
+        self.modulation = Modulation(hidden_size, double=False) if modulation else None
 
     def forward(self, x, vec, pe, attn_mask=None, transformer_options={}):  # noqa: B006
-        mod, _ = self.modulation(vec)
+        mod = self.modulation(vec)[0] if self.modulation else vec
         qkv, hidden = torch.split(
             self.linear1(apply_mod(self.pre_norm(x), 1 + mod.scale, mod.shift)), [3 * self.hidden_size, self.mlp_hidden_dim_first], dim=-1
         )
