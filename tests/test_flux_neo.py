@@ -120,3 +120,11 @@ def test_neo_chroma_with_skipped_blocks_is_named_not_run(skipped):
     setattr(sd_model.forge_objects.unet.model.diffusion_model, skipped, [0])  # Neo's forward_orig would leave block 0 out
     assert host.pass_for(sd_model) is None
     assert "IntegratedChromaTransformer2DModel is another one" in host.unsupported_reason(sd_model)
+
+
+def test_a_neo_build_without_the_flux2_attributes_is_still_recognised():
+    """Newer Neo builds dropped ``flipped_img_txt`` (and may lack the Flux.2 MLP switches)."""
+    sd_model = flux_sd_model("neo")
+    for block in sd_model.forge_objects.unet.model.diffusion_model.double_blocks:
+        del block.flipped_img_txt
+    assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), sd_model) is FluxPass

@@ -517,8 +517,14 @@ def is_joint_transformer(model: Any) -> bool:
 def _neo_blocks_in_flux1_form(model: Any, modulation: bool) -> bool:
     """Neo's blocks as Flux.1 has them: with (or, Chroma, without) per-block modulation layers, text
     before image, Flux.1's MLPs."""
-    doubles = all(getattr(block, "modulation", None) is modulation and not block.flipped_img_txt for block in model.double_blocks)
-    return doubles and all(not block.yak_mlp and block.mlp_hidden_dim_first == block.mlp_hidden_dim for block in model.single_blocks)
+    doubles = all(
+        getattr(block, "modulation", None) is modulation and not getattr(block, "flipped_img_txt", False) for block in model.double_blocks
+    )
+    # Builds without these attributes have only Flux.1's text-first order and MLPs.
+    return doubles and all(
+        not getattr(block, "yak_mlp", False) and getattr(block, "mlp_hidden_dim_first", block.mlp_hidden_dim) == block.mlp_hidden_dim
+        for block in model.single_blocks
+    )
 
 
 def _is_neo_flux1(model: Any) -> bool:
