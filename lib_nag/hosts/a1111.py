@@ -144,10 +144,14 @@ class Placement:
     placed: bool = True
 
 
-class A1111Pass(webui.CrossAttentionPass):
+class DenoiserPlacement:
+    """For an A1111 pass: where the rows of each denoiser call stand in the CFG batch (hooks on the
+    denoiser's inner model, and the CFG-1 uncond skip), and those of each call of the model NAG
+    works on (``place_model_calls``: the same rows, or whole copies of them)."""
+
     def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.inner_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []  # removed by ``unhook``
+        self.inner_handles: list[torch.utils.hooks.RemovableHandle] = []  # removed by ``close``
         self.inner_models: list[torch.nn.Module] = []
         self.layout: StepLayout | None = None
         self.denoiser_call: Placement | None = None
@@ -158,24 +162,12 @@ class A1111Pass(webui.CrossAttentionPass):
         self.denoiser: Any = None
         super().__init__(job, report)
 
-    def hook(self, sd_model: Any) -> bool:
-        unet = A1111Host.unet(sd_model)
-        attn2 = [module for _name, module in webui.attn2_modules(unet)]
-        self.report.layers = len(attn2)
-        if not attn2:
-            return False
-        self.nag.install(attn2)
-        self.handles.append(unet.register_forward_pre_hook(self.place_unet_call, with_kwargs=True))
-        self.handles.append(unet.register_forward_hook(self.end_unet_call))
-        for module in attn2:
-            self.handles.append(module.register_forward_pre_hook(self.begin_attention, with_kwargs=True))
-            self.handles.append(module.register_forward_hook(self.end_attention))
-        self.attn2 = attn2
-        self.unet = unet
-        return True
+    def place_model_calls(self, model: torch.nn.Module) -> None:
+        self.unet = model
+        self.handles.append(model.register_forward_pre_hook(self.place_unet_call, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self.end_unet_call))
 
-    def unhook(self) -> None:
-        self.nag.remove()
+    def remove_handles(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
@@ -196,7 +188,7 @@ class A1111Pass(webui.CrossAttentionPass):
 
     def negative_varies(self) -> bool:
         """Whether the images of the batch have different NAG negatives (then each row's image matters)."""
-        negative = self.negative
+        negative = None if self.negative is None else webui.crossattn(self.negative)
         return negative is not None and negative.shape[0] > 1 and not bool((negative == negative[:1]).all())
 
     def hook_inner_model(self, inner: torch.nn.Module) -> None:
@@ -262,6 +254,28 @@ class A1111Pass(webui.CrossAttentionPass):
 
     def end_unet_call(self, *_args: Any) -> None:
         self.unet_call = None
+
+
+class A1111Pass(DenoiserPlacement, webui.CrossAttentionPass):
+    """NAG on a UNet's cross-attention layers."""
+
+    def hook(self, sd_model: Any) -> bool:
+        unet = A1111Host.unet(sd_model)
+        attn2 = [module for _name, module in webui.attn2_modules(unet)]
+        self.report.layers = len(attn2)
+        if not attn2:
+            return False
+        self.nag.install(attn2)
+        self.place_model_calls(unet)
+        for module in attn2:
+            self.handles.append(module.register_forward_pre_hook(self.begin_attention, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self.end_attention))
+        self.attn2 = attn2
+        return True
+
+    def unhook(self) -> None:
+        self.nag.remove()
+        self.remove_handles()
 
     def begin_attention(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("x")
