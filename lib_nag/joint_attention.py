@@ -1,17 +1,18 @@
-"""NAG in joint text–image attention (Flux.1, Chroma), shared by every host.
+"""NAG in joint text–image attention (Flux.1, Chroma, SD3's MMDiT), shared by every host.
 
 These models attend over ``[text; image]`` tokens in one call. NAG adds one row per positive row (a
 "NAG row") whose text is the NAG negative prompt; the image tokens' attention output of the positive
 row is guided away from the NAG row's (``nag_combine``), as the authors' ComfyUI-NAG does:
 
-- double-stream blocks: the NAG row has no image stream of its own; it attends with the positive
+- double-stream blocks (and every joint block of SD3's MMDiT): the NAG row has no image stream of its own; it attends with the positive
   row's image q/k/v over its own text, and its text stream is updated by its own attention output;
 - single-stream blocks: the NAG row is a full stream; the guided image output is written into both
   the positive and the NAG row, text outputs stay unguided.
 
 Positive text and NAG text are separate tensors (their lengths may differ; nothing is padded). The
 host gives its attention as ``attend(q, k, v, pe)``: ``[batch, heads, tokens, head_dim]`` tensors and
-the rotary embedding of those tokens, heads merged in the result ``[batch, tokens, heads·head_dim]``.
+the rotary embedding of those tokens (``None`` for a model without one: the MMDiT), heads merged in
+the result ``[batch, tokens, heads·head_dim]``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .attention import PositiveRows
 from .guidance import nag_combine
 from .params import NagParams
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 class QKV(NamedTuple):
@@ -42,7 +43,7 @@ class QKV(NamedTuple):
         """These tokens followed by ``following``'s."""
         return QKV(*(torch.cat(pair, dim=2) for pair in zip(self, following, strict=True)))
 
-    def attend(self, attend: Attend, pe: torch.Tensor) -> torch.Tensor:
+    def attend(self, attend: Attend, pe: torch.Tensor | None) -> torch.Tensor:
         return attend(self.q, self.k, self.v, pe)
 
 
@@ -63,8 +64,8 @@ def double_stream_attention(
     txt_negative: QKV,
     img: QKV,
     positive: PositiveRows,
-    pe: torch.Tensor,
-    pe_negative: torch.Tensor,
+    pe: torch.Tensor | None,
+    pe_negative: torch.Tensor | None,
     attend: Attend,
     params: NagParams,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

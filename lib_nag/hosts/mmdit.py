@@ -1,0 +1,208 @@
+"""NAG for SD3 and SD3.5 (the MMDiT family), on both hosts' model code: A1111 1.10.1's
+``modules/models/sd3/mmdit.py`` ``MMDiT`` (SD3 Medium; read at 82a973c0) and Forge main's
+``backend/nn/mmditx.py`` ``MMDiTX`` (SD3.5 Large, Large Turbo and Medium; read at dfdcbab6). Both
+descend from Stability AI's reference and share its names and order of operations.
+
+``nag_forward`` builds a replacement for the model's ``forward``. For a call with positive rows it
+runs the forward itself with one NAG row per positive row, as the authors' ComfyUI-NAG
+(``sd3/mmdit.py`` @ ef8a641) does: the NAG row's adaLN vector is its positive row's timestep
+embedding plus ``y_embedder`` of the NAG negative's pooled vector; its context is the NAG negative's,
+through ``context_embedder``; in each joint block (``lib_nag.joint_attention``: text = the context
+stream, image = the x stream, no rotary embedding) the NAG context attends, with its own modulation,
+over itself and the positive rows' image q/k/v; the positive rows' image attention output is guided
+before ``x_block``'s projection, and the NAG context stream is updated by its own ``post_attention``
+(until the last, ``pre_only``, block). The image stream, SD3.5 Medium's image self-attention
+(``attn2``) and the final layer run on the batch only. The host's own submodules and attention
+function are called (quantized and LoRA weights work); rows that are not positive get exactly what
+the host computes, and a call without positive rows runs the model's own ``forward``.
+
+The switches between the hosts: Forge's MMDiT-X blocks (``x_block.x_block_self_attn``), its
+``transformer_options["skip_layers"]`` (whole blocks skipped, the NAG stream's too), and a Forge
+ControlNet (``control``), with which NAG stands aside. qk-norm (SD3.5) is inside ``pre_attention``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..attention import PositiveRows
+from ..joint_attention import QKV, Attend, double_stream_attention
+from ..params import NagParams
+from .forge import positive_rows
+from .forge_flux import NAG_FORWARD, Forward, OnCall
+
+STOOD_ASIDE = "a ControlNet on the call, which NAG's own run of the blocks would leave out"
+
+RowsOf = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], PositiveRows | None]  # (x, context, other keyword arguments)
+HostAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]  # [B, L, H·Dh] in and out
+Streams = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]  # context, NAG context, image
+
+
+def is_mmdit(model: Any) -> bool:
+    """An SD3/SD3.5 MMDiT as A1111 or Forge builds it, without register tokens (no SD3 model has
+    them; NAG's context stream would need them too)."""
+    parts = ("joint_blocks", "x_embedder", "t_embedder", "context_embedder", "final_layer", "unpatchify")
+    return all(hasattr(model, name) for name in parts) and getattr(model, "register_length", 0) == 0
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, L, H·Dh]`` (or v's ``[B, L, H, Dh]``) → ``[B, H, L, Dh]``, as the host's attention views them."""
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+def _merged(t: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, Dh]`` → ``[B, L, H·Dh]``, what the host's ``block_mixing`` gives its attention."""
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+
+def _qkv(qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor], heads: int) -> QKV:
+    return QKV(*(_heads(t, heads) for t in qkv))
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What every joint block of one guided call needs."""
+
+    positive: PositiveRows
+    attention: HostAttention
+    params: NagParams
+    skip_layers: list[int]
+
+    def attend(self, heads: int) -> Attend:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, _pe: torch.Tensor | None) -> torch.Tensor:
+            return self.attention(_merged(q), _merged(k), _merged(v), heads)
+
+        return attend
+
+
+def _pre_attention(block: torch.nn.Module, x: torch.Tensor, c: torch.Tensor) -> tuple[tuple, tuple | None, tuple]:
+    """The image stream's q/k/v, those of an MMDiT-X block's ``attn2`` (else None) and what ``post_attention`` takes."""
+    if getattr(block, "x_block_self_attn", False):
+        return block.pre_attention_x(x, c)
+    qkv, intermediates = block.pre_attention(x, c)
+    return qkv, None, intermediates
+
+
+def _post_attention(block: torch.nn.Module, attn: torch.Tensor, qkv2: tuple | None, intermediates: tuple, call: _Call) -> torch.Tensor:
+    if qkv2 is None:
+        return block.post_attention(attn, *intermediates)
+    return block.post_attention_x(attn, call.attention(*qkv2, block.attn2.num_heads), *intermediates)
+
+
+def _joint_block(block: torch.nn.Module, streams: Streams, vectors: tuple[torch.Tensor, torch.Tensor], call: _Call) -> Streams:
+    """``block_mixing`` on the batch and the NAG context stream."""
+    (context, context_negative, x), (c, c_negative) = streams, vectors
+    context_block, x_block = block.context_block, block.x_block
+    context_qkv, context_intermediates = context_block.pre_attention(context, c)
+    negative_qkv, negative_intermediates = context_block.pre_attention(context_negative, c_negative)
+    x_qkv, x_qkv2, x_intermediates = _pre_attention(x_block, x, c)
+    heads = x_block.attn.num_heads
+    context_attn, negative_attn, x_attn = double_stream_attention(
+        _qkv(context_qkv, heads), _qkv(negative_qkv, heads), _qkv(x_qkv, heads), call.positive, None, None, call.attend(heads), call.params
+    )
+    x = _post_attention(x_block, x_attn, x_qkv2, x_intermediates, call)
+    if context_block.pre_only:
+        return None, None, x
+    return (
+        context_block.post_attention(context_attn, *context_intermediates),
+        context_block.post_attention(negative_attn, *negative_intermediates),
+        x,
+    )
+
+
+class _NagRunner:
+    """The guided ``forward`` of one model."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        negative: Callable[[], dict[str, torch.Tensor]],
+        params: NagParams,
+        rows_of: RowsOf,
+        on_call: OnCall | None,
+    ) -> None:
+        self.model, self.negative, self.params, self.rows_of, self.on_call = model, negative, params, rows_of, on_call
+        self.attention: HostAttention = sys.modules[type(model).__module__].attention
+
+    def positive(self, x: torch.Tensor, context: torch.Tensor, kwargs: dict[str, Any]) -> PositiveRows | None:
+        positive = self.rows_of(x, context, kwargs)
+        if positive is not None and kwargs.get("control") is not None:
+            self.told(False, STOOD_ASIDE)
+            return None
+        return positive
+
+    def told(self, guided: bool, why: str) -> None:
+        if self.on_call is not None:
+            self.on_call(guided, why)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, context: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """The host's ``forward(x, t, y=None, context=None[, control=None, transformer_options={}])``."""
+        model = self.model
+        positive = self.positive(x, context, kwargs)
+        if positive is None:
+            return type(model).forward(model, x, t, y, context, **kwargs)
+        hw = x.shape[-2:]
+        image = model.x_embedder(x) + model.cropped_pos_embed(hw).to(x.device, x.dtype)
+        time = model.t_embedder(t, dtype=image.dtype)
+        conditioning = self.negative()
+        vectors = (time, positive.take(time))
+        if y is not None:
+            pooled_negative = positive.negatives(conditioning["vector"].to(y))  # on the call's device before indexing
+            vectors = (time + model.y_embedder(y), vectors[1] + model.y_embedder(pooled_negative))
+        context_negative = positive.negatives(conditioning["crossattn"].to(context))
+        streams: Streams = (model.context_embedder(context), model.context_embedder(context_negative), image)
+        call = _Call(positive, self.attention, self.params, (kwargs.get("transformer_options") or {}).get("skip_layers", []))
+        for index, block in enumerate(model.joint_blocks):
+            if index not in call.skip_layers:
+                streams = _joint_block(block, streams, vectors, call)
+        self.told(True, "")
+        return model.unpatchify(model.final_layer(streams[2], vectors[0]), hw=hw)
+
+
+def nag_forward(
+    model: torch.nn.Module,
+    negative: Callable[[], dict[str, torch.Tensor]],
+    params: NagParams,
+    rows_of: RowsOf,
+    on_call: OnCall | None = None,
+) -> Forward:
+    """A replacement for the MMDiT's ``forward`` that guides the positive rows with NAG.
+
+    ``negative()`` is the NAG negative now, one row per image of the batch: the conditioning dict
+    (``crossattn [images, tokens, 4096]``, ``vector [images, 2048]``). ``rows_of(x, context,
+    kwargs)`` gives the call's positive rows (``negative_index``: their image), or None, and then the
+    model's own ``forward`` runs: A1111 gives them from its own placement, Forge from
+    ``transformer_options`` (``forge_rows``). ``on_call`` is told, for each call that has positive
+    rows, whether it was guided, and if not, why.
+    """
+    runner = _NagRunner(model, negative, params, rows_of, on_call)
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return runner.forward(*args, **kwargs)
+
+    setattr(forward, NAG_FORWARD, True)
+    return forward
+
+
+def forge_rows(is_active: Callable[[dict], bool], on_call: OnCall | None = None) -> RowsOf:
+    """Forge's positive rows: the cond chunks of ``transformer_options["cond_or_uncond"]`` (whole
+    copies of the batch too), while ``is_active(transformer_options)``; ``on_call`` is told of an
+    active call whose rows could not be placed."""
+
+    def rows_of(x: torch.Tensor, context: torch.Tensor, kwargs: dict[str, Any]) -> PositiveRows | None:
+        options = kwargs.get("transformer_options") or {}
+        if not is_active(options):
+            return None
+        placed, positive = positive_rows(x, context, options)
+        if not placed and on_call is not None:
+            on_call(False, "")
+        return positive
+
+    return rows_of
