@@ -337,12 +337,30 @@ def test_a_change_of_attention_optimization_between_jobs_is_honoured(spy, monkey
     assert any(id(m) in attn2 for m in calls)
 
 
-def test_sd3_is_skipped_with_a_console_line_and_no_infotext(spy, capsys):
-    load(make_sd_model("sd3"))
+def test_an_unknown_architecture_is_skipped_with_a_console_line_and_no_infotext(spy, capsys):
+    load(make_sd_model("dit"))
     processed = run(job(spy, steps=2))
     assert "NAG" not in processed.infotexts[0]
-    assert "[NAG] skipped: SD3 has no cross-attention (attn2) layers" in capsys.readouterr().out
+    assert "[NAG] skipped: FakeSdModel has no cross-attention (attn2) layers" in capsys.readouterr().out
     assert not spy.calls
+
+
+@pytest.mark.parametrize("cfg_scale", [7.0, 1.0])
+def test_sd3_is_guided_through_its_mmdit(spy, capsys, cfg_scale):
+    model = load(make_sd_model("sd3"))
+    mmdit = model.model.diffusion_model
+    fields = {"steps": 2, "batch_size": 2, "prompt": ["a cat", "a dog"], "negative_prompt": ["ugly", "bad"], "cfg_scale": cfg_scale}
+    reference = first_x_out()
+    off = run(job(spy, [False, *NAG_ON[1:]], **fields))
+    guided = first_x_out()
+    on = run(job(spy, **fields))
+    if cfg_scale != 1.0:  # at CFG 1 the uncond rows are not computed (zeros) while NAG is on
+        assert torch.equal(guided[0][-2:], reference[0][-2:])  # uncond rows: the host's, bit for bit
+    assert not all(torch.equal(a, b) for a, b in zip(on.images, off.images, strict=True))
+    assert "NAG scale: 5.0" in on.infotexts[0] and "NAG" not in off.infotexts[0]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[NAG] active")]
+    assert lines == ["[NAG] active on SD3: first pass 2/2 steps guided (2 model calls), 2 joint blocks"]
+    assert "forward" not in vars(mmdit) and not mmdit._forward_hooks and not mmdit._forward_pre_hooks
 
 
 def test_console_line_per_job(spy, capsys):

@@ -81,7 +81,7 @@ def neighbour_forwards(denoiser: Any, unet: torch.nn.Module | None, attn2: list[
     from modules import shared
 
     owners = [denoiser.inner_model, unet, *attn2]
-    return any("forward" in vars(m) for m in owners if m is not None) or "apply_model" in vars(shared.sd_model)
+    return any(webui.foreign_method(m, "forward") for m in owners if m is not None) or "apply_model" in vars(shared.sd_model)
 
 
 def only_the_host_reads_uncond(denoiser: Any) -> bool:
@@ -298,3 +298,8 @@ class A1111Host(webui.NagHost):
     @staticmethod
     def unet(sd_model: Any) -> torch.nn.Module | None:
         return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+
+    def pass_for(self, sd_model: Any) -> type[webui.NagPass] | None:
+        from .mmdit import A1111MMDiTPass, is_mmdit
+
+        return A1111MMDiTPass if is_mmdit(self.unet(sd_model)) else super().pass_for(sd_model)

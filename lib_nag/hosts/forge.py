@@ -109,6 +109,39 @@ class ClonedPatcher:
         self.active = active
 
 
+class ForgeModelPass(ClonedPatcher, webui.ModelPass):
+    """NAG that runs the whole model on Forge: the pass's clone of the patcher carries an object patch
+    of the model's entry point (``nag_forward``); Forge sets it when it loads the patcher for sampling
+    and sets back what was there when it unloads it, so nothing stays on the model. Outside the
+    window the patched method runs the model's own. NAG stands aside if another extension replaced
+    that method."""
+
+    def entry_point(self, model: torch.nn.Module) -> str:
+        return "forward"
+
+    def nag_forward(self, model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        raise NotImplementedError
+
+    def hooked_text(self, model: torch.nn.Module) -> str:
+        raise NotImplementedError
+
+    def hook(self, sd_model: Any) -> bool:
+        original = sd_model.forge_objects.unet
+        model = original.model.diffusion_model
+        entry = self.entry_point(model)
+        if any(webui.foreign_method(model, name, original) for name in dict.fromkeys(("forward", entry))):
+            self.report.skipped = f"another extension replaces the {type(model).__name__} forward, which NAG would have to run"
+            return False
+        clone = original.clone()
+        clone.add_object_patch(f"diffusion_model.{entry}", self.nag_forward(model))
+        self.use_clone(sd_model, clone)
+        self.report.hooked = self.hooked_text(model)
+        return True
+
+    def unhook(self) -> None:
+        self.active = False
+
+
 class ForgePass(ClonedPatcher, webui.CrossAttentionPass):
     def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
         self.rows: dict[tuple, PositiveRows | None] = {}  # per (cond_or_uncond, rows, device)
@@ -165,8 +198,12 @@ class ForgeHost(webui.NagHost):
 
     def pass_for(self, sd_model: Any) -> type[webui.NagPass] | None:
         from .forge_flux import FluxPass, is_flux_family
+        from .mmdit import ForgeMMDiTPass, is_mmdit
 
-        return FluxPass if is_flux_family(self.unet(sd_model)) else super().pass_for(sd_model)
+        model = self.unet(sd_model)
+        if is_flux_family(model):
+            return FluxPass
+        return ForgeMMDiTPass if is_mmdit(model) else super().pass_for(sd_model)
 
     def unsupported_reason(self, sd_model: Any) -> str:
         from .forge_flux import is_joint_transformer

@@ -32,15 +32,14 @@ from ..attention import PositiveRows
 from ..joint_attention import QKV, Attend, double_stream_attention, single_stream_attention
 from ..params import NagParams
 from . import webui
-from .forge import ClonedPatcher, positive_rows
+from .forge import ForgeModelPass, positive_rows
+from .webui import NAG_FORWARD, OnCall
 
-NAG_FORWARD = "_nag_forward"  # marks the forward ``nag_forward`` builds
 STOOD_ASIDE = "a ControlNet, attention mask or block patch on the call, which NAG's own run of the blocks would leave out"
 
 Modulation = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # shift, scale, gate: [B, 1, D] each
 DoubleModulations = tuple[Modulation, Modulation]  # before the attention, before the MLP
 Forward = Callable[..., torch.Tensor]
-OnCall = Callable[[bool, str], None]  # (guided, why not)
 ApplyMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (normed x, 1 + scale, shift)
 
 
@@ -356,11 +355,6 @@ def entry_point(model: Any) -> str:
     return "forward_orig" if _is_comfy_port(model) else "forward"
 
 
-def object_patch_name(model: Any) -> str:
-    """The object patch NAG adds to the pass's clone of the patcher."""
-    return f"diffusion_model.{entry_point(model)}"
-
-
 def _neo_runs_blocks_only(model: torch.nn.Module, named: dict[str, Any]) -> bool:
     """Whether Neo's ``forward_orig`` (its arguments by name) would only run the blocks on this call, as
     NAG does: no ControlNet residuals, attention mask, ``post_input`` or ``dit`` block patches, and for
@@ -497,18 +491,6 @@ def nag_forward(
     return forward
 
 
-def neighbours_forward(model: torch.nn.Module, patcher: Any) -> bool:
-    """Whether another extension replaces the model's forward (or Neo's ``forward_orig``): an object
-    patch, or an instance attribute that is neither NAG's (an earlier pass's patcher still loaded)
-    nor the model's own bound method (which Forge's unpatch sets back as an instance attribute)."""
-    for name in dict.fromkeys(("forward", entry_point(model))):
-        for method in (getattr(patcher, "object_patches", {}).get(f"diffusion_model.{name}"), vars(model).get(name)):
-            own = getattr(method, "__func__", None) is getattr(type(model), name) and method.__self__ is model
-            if method is not None and not own and not getattr(method, NAG_FORWARD, False):
-                return True
-    return False
-
-
 def is_joint_transformer(model: Any) -> bool:
     """A Flux-like model: double- and single-stream block stacks."""
     return all(hasattr(model, name) for name in ("double_blocks", "single_blocks", "txt_in", "img_in"))
@@ -559,51 +541,14 @@ def is_flux_family(model: Any) -> bool:
     return (_is_neo_flux1(model) or _is_neo_chroma(model)) if _is_comfy_port(model) else _is_forge_main_flux(model)
 
 
-class ModelCalls:
-    """The guidance state of a pass that runs the whole model: the NAG negative now, and the model
-    calls guided, or whose rows could not be placed."""
+class FluxPass(ForgeModelPass):
+    """NAG on a Flux or Chroma model for one sampling pass (``nag_forward`` as the object patch)."""
 
-    def __init__(self) -> None:
-        self.negative: Any = None
-        self.guided_calls = 0
-        self.missed_calls = 0
+    def entry_point(self, model: torch.nn.Module) -> str:
+        return entry_point(model)
 
-    def count(self, report: webui.PassReport) -> OnCall:
-        def counted(guided: bool, why: str) -> None:
-            report.count_call(guided, guided, why)
-            self.guided_calls += guided
+    def nag_forward(self, model: torch.nn.Module) -> Forward:
+        return nag_forward(model, lambda: self.nag.negative, self.params, lambda _options: self.active, self.nag.count(self.report))
 
-        return counted
-
-
-class FluxPass(ClonedPatcher, webui.NagPass):
-    """NAG on a Flux or Chroma model for one sampling pass. The pass clones the UNet patcher and
-    adds an object patch that replaces the diffusion model's ``forward`` with ``nag_forward``: Forge
-    sets it when it loads the patcher for sampling and restores what was there when it unloads it,
-    so nothing stays on the model. Between the window's steps the patched forward is the model's."""
-
-    def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
-        report.unit = "model calls"
-        super().__init__(job, report)
-
-    def make_nag(self) -> ModelCalls:
-        return ModelCalls()
-
-    def negative_from(self, cond: Any) -> Any:
-        return cond  # Flux needs the pooled vector too
-
-    def hook(self, sd_model: Any) -> bool:
-        original = sd_model.forge_objects.unet
-        model = original.model.diffusion_model
-        if neighbours_forward(model, original):
-            self.report.skipped = f"another extension replaces the {type(model).__name__} forward, which NAG would have to run"
-            return False
-        clone = original.clone()
-        negative, active = (lambda: self.nag.negative), (lambda _options: self.active)
-        clone.add_object_patch(object_patch_name(model), nag_forward(model, negative, self.params, active, self.nag.count(self.report)))
-        self.use_clone(sd_model, clone)
-        self.report.hooked = f"{len(model.double_blocks)} double + {len(model.single_blocks)} single blocks"
-        return True
-
-    def unhook(self) -> None:
-        self.active = False
+    def hooked_text(self, model: torch.nn.Module) -> str:
+        return f"{len(model.double_blocks)} double + {len(model.single_blocks)} single blocks"

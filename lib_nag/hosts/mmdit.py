@@ -33,8 +33,11 @@ import torch
 from ..attention import PositiveRows
 from ..joint_attention import QKV, Attend, double_stream_attention
 from ..params import NagParams
-from .forge import positive_rows
-from .forge_flux import NAG_FORWARD, Forward, OnCall
+from . import webui
+from .a1111 import A1111Host, DenoiserPlacement
+from .forge import ForgeModelPass, positive_rows
+from .forge_flux import Forward
+from .webui import NAG_FORWARD, OnCall
 
 STOOD_ASIDE = "a ControlNet on the call, which NAG's own run of the blocks would leave out"
 
@@ -206,3 +209,62 @@ def forge_rows(is_active: Callable[[dict], bool], on_call: OnCall | None = None)
         return positive
 
     return rows_of
+
+
+def _joint_blocks(model: torch.nn.Module) -> str:
+    return f"{len(model.joint_blocks)} joint blocks"
+
+
+class ForgeMMDiTPass(ForgeModelPass):
+    """NAG on an SD3.5 model in Forge for one sampling pass (``nag_forward`` as the object patch)."""
+
+    def nag_forward(self, model: torch.nn.Module) -> Forward:
+        count = self.nag.count(self.report)
+        rows = forge_rows(lambda _options: self.active, count)
+        return nag_forward(model, lambda: self.nag.negative, self.params, rows, count)
+
+    def hooked_text(self, model: torch.nn.Module) -> str:
+        return _joint_blocks(model)
+
+
+class A1111MMDiTPass(DenoiserPlacement, webui.ModelPass):
+    """NAG on A1111's SD3 for one sampling pass. A1111 has no object patches: the pass sets
+    ``nag_forward`` as the MMDiT's instance ``forward`` and, at the end, sets back exactly what was
+    there; the rows of each call come from the CFG batch as on the UNet path. NAG stands aside if
+    another extension replaced the MMDiT's forward."""
+
+    def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
+        self.patched: list[tuple[torch.nn.Module, Any, Any]] = []  # (model, NAG's forward, what was there)
+        super().__init__(job, report)
+
+    def hook(self, sd_model: Any) -> bool:
+        model = A1111Host.unet(sd_model)
+        if webui.foreign_method(model, "forward"):
+            self.report.skipped = f"another extension replaces the {type(model).__name__} forward, which NAG would have to run"
+            return False
+        self.place_model_calls(model)
+        forward = nag_forward(model, lambda: self.nag.negative, self.params, self.rows_of, self.nag.count(self.report))
+        self.patched.append((model, forward, vars(model).get("forward")))
+        model.forward = forward
+        self.report.hooked = _joint_blocks(model)
+        return True
+
+    def unhook(self) -> None:
+        self.remove_handles()
+        for model, forward, before in self.patched:
+            if vars(model).get("forward") is forward:  # never what another extension set since
+                if before is None:
+                    del model.forward
+                else:
+                    model.forward = before
+        self.patched = []
+
+    def rows_of(self, x: torch.Tensor, _context: torch.Tensor, _kwargs: dict[str, Any]) -> PositiveRows | None:
+        """The positive rows of an MMDiT call inside the window, placed as on the UNet path."""
+        call = self.unet_call
+        if self.layout is None or not self.layout.active:
+            return None
+        if call is None or not call.placed or x.shape[0] != call.rows:
+            self.nag.count(self.report)(False, "")
+            return None
+        return call.positive

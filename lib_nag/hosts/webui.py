@@ -5,7 +5,7 @@ A1111, Forge, reForge and Neo)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +16,8 @@ from ..attention import CrossAttentionNag, NegativeKV
 from ..params import NagParamError, NagParams
 from ..schedule import guided_steps, sampler_step
 
+NAG_FORWARD = "_nag_forward"  # marks a forward NAG built to run a whole model (Flux, Chroma, SD3)
+OnCall = Callable[[bool, str], None]  # a model call: (guided, why not)
 XYZ_ATTRIBUTE = "nag_xyz"
 JOB_ATTRIBUTE = "nag_job"
 CONSOLE_PREFIX = "[NAG]"
@@ -125,7 +127,7 @@ def why_unplaced(passes: list[PassReport]) -> str:
 
 
 def model_family(sd_model: Any) -> str:
-    for flag, name in (("is_sdxl", "SDXL"), ("is_sd2", "SD2"), ("is_sd1", "SD1")):
+    for flag, name in (("is_sdxl", "SDXL"), ("is_sd3", "SD3"), ("is_sd2", "SD2"), ("is_sd1", "SD1")):
         if getattr(sd_model, flag, False):
             return name
     return type(sd_model).__name__
@@ -356,6 +358,49 @@ class NagPass:
         self.hooked = self.hook(sd_model)
 
 
+def foreign_method(module: torch.nn.Module, name: str, patcher: Any = None) -> bool:
+    """Whether another extension replaced ``module.<name>``: an object patch on ``patcher`` (Forge), or
+    an instance attribute that is neither NAG's nor the module's own bound method (Forge's unpatch
+    sets that back as an instance attribute)."""
+    for method in (getattr(patcher, "object_patches", {}).get(f"diffusion_model.{name}"), vars(module).get(name)):
+        own = getattr(method, "__func__", None) is getattr(type(module), name, None) and getattr(method, "__self__", None) is module
+        if method is not None and not own and not getattr(method, NAG_FORWARD, False):
+            return True
+    return False
+
+
+class ModelCalls:
+    """The guidance state of a pass that runs the whole model: the NAG negative now, and the model
+    calls guided, or not and why."""
+
+    def __init__(self) -> None:
+        self.negative: Any = None
+        self.guided_calls = 0
+        self.missed_calls = 0
+
+    def count(self, report: PassReport) -> OnCall:
+        def counted(guided: bool, why: str) -> None:
+            report.count_call(guided, guided, why)
+            self.guided_calls += guided
+
+        return counted
+
+
+class ModelPass(NagPass):
+    """NAG that runs the whole model (Flux, Chroma, SD3) with a NAG row per positive row: it counts
+    model calls and needs the NAG negative's whole conditioning (pooled vectors too)."""
+
+    def __init__(self, job: NagJob, report: PassReport) -> None:
+        report.unit = "model calls"
+        super().__init__(job, report)
+
+    def make_nag(self) -> ModelCalls:
+        return ModelCalls()
+
+    def negative_from(self, cond: Any) -> Any:
+        return cond
+
+
 class CrossAttentionPass(NagPass):
     """NAG on a UNet's cross-attention (``attn2``) layers, with the K⁻/V⁻ cache of the pass."""
 
@@ -412,7 +457,11 @@ class NagJob:
         if pass_class is None:
             report.skipped = self.host.unsupported_reason(shared.sd_model)
             return
-        self.pass_ = pass_class(self, report)
+        try:
+            self.pass_ = pass_class(self, report)
+        except BaseException as error:  # the host reports the traceback; the console line says why
+            report.skipped = f"NAG could not start ({type(error).__name__}: {error})"
+            raise
         self.host.live = self
         if not self.pass_.hooked:
             report.skipped = report.skipped or "no cross-attention layer could be hooked"

@@ -37,6 +37,7 @@ FAMILIES = {
     "sdxl": Family("sgm", 2048, 2816, 1280, ("h", "w", "crop_top", "crop_left", "h", "w")),
     "sdxl_refiner": Family("sgm", 1280, 2560, 1280, ("h", "w", "crop_top", "crop_left", "aesthetic")),
     "sd3": Family("sgm", 4096, 2048, 2048, latent_channels=16),
+    "dit": Family("sgm", 4096, 2048, 2048, latent_channels=16),  # an architecture NAG does not know
 }
 _serial = itertools.count()
 
@@ -77,8 +78,18 @@ class TextEncoder(nn.Module):
         return crossattn, pooled
 
 
+def tiny_mmdit(spec: Family) -> nn.Module:
+    """SD3 Medium's MMDiT (the stand-in of modules/models/sd3/mmdit.py), tiny, with random weights."""
+    from modules.models.sd3.mmdit import MMDiT
+
+    mmdit = MMDiT(in_channels=spec.latent_channels, depth=2, adm_in_channels=spec.adm, context_in=spec.context)
+    for tensor in (*mmdit.parameters(), *mmdit.buffers()):
+        tensor.copy_(torch.randn_like(tensor) * 0.1)
+    return mmdit.eval()
+
+
 class TinyJointNet(nn.Module):
-    """An SD3-like denoiser without any ``attn2`` (cross-attention) module."""
+    """A DiT-like denoiser of an architecture NAG does not know: no ``attn2``, no MMDiT blocks."""
 
     def __init__(self, channels: int, context: int, adm: int, hidden: int = 32):
         super().__init__()
@@ -108,6 +119,8 @@ class FakeSdModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if family == "sd3":
+                unet = tiny_mmdit(spec)
+            elif family == "dit":
                 unet = TinyJointNet(spec.latent_channels, spec.context, spec.adm)
             elif spec.kind == "sgm":
                 unet = randomize_outputs(sdxl_like_unet(context_dim=spec.context, adm_channels=spec.adm))
@@ -182,6 +195,6 @@ class FakeSdModel(nn.Module):
 def make_sd_model(family: str, seed: int = 0) -> FakeSdModel:
     """A new fake checkpoint of ``family`` (sd1, sd2, sdxl, sdxl_refiner, edit, sd3) with its own checkpoint info."""
     model = FakeSdModel(family, seed)
-    if family == "sd3":
+    if family in ("sd3", "dit"):
         model.create_denoiser = model.create_denoiser_for_sd3
     return model
