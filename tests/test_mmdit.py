@@ -3,16 +3,23 @@
 rms qk-norm, SD3.5 Medium's image self-attention), against the ComfyUI-NAG reference
 (tests/reference_mmdit.py)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from backend.nn.flux import IntegratedFluxTransformer2DModel
 from backend.nn.mmditx import MMDiTX
+from backend.patcher.unet import UnetPatcher
+from modules import prompt_parser, shared
 from modules.models.sd3.mmdit import MMDiT
 from reference_mmdit import reference_mmdit
 from test_flux import EACH_LAYOUT, EACH_NEGATIVE_LENGTH, SIZES, assert_guided_as_expected, relative
+from test_forge import denoiser_step
 
 from lib_nag.attention import PositiveRows
-from lib_nag.hosts.mmdit import STOOD_ASIDE, forge_rows, is_mmdit, nag_forward
+from lib_nag.hosts.forge import ForgeHost
+from lib_nag.hosts.mmdit import STOOD_ASIDE, ForgeMMDiTPass, forge_rows, is_mmdit, nag_forward
+from lib_nag.hosts.webui import JobReport, PassReport
 from lib_nag.params import NagParams
 
 PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
@@ -158,3 +165,29 @@ def test_forge_controlnet_call_runs_the_models_own_forward():
 def test_is_mmdit_recognises_both_hosts_models_only():
     assert all(is_mmdit(make()) for make in KINDS.values())
     assert not is_mmdit(IntegratedFluxTransformer2DModel(4, POOLED, CONTEXT, qkv_bias=True, guidance_embed=True, **SIZES))
+
+
+def test_the_forge_pass_patches_a_clone_and_guides_inside_the_window():
+    model = tiny_model("forge sd3.5 large")
+    shared.sd_model = SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=model))), is_sd3=True)
+    original = shared.sd_model.forge_objects.unet
+    arguments, negative = batch("forge sd3.5 large", [1, 0])
+    stock = model(**arguments)
+    host = ForgeHost.__new__(ForgeHost)
+    assert host.pass_for(shared.sd_model) is ForgeMMDiTPass
+    schedules = [[prompt_parser.ScheduledPromptConditioning(10, {k: v[i] for k, v in negative.items()})] for i in range(IMAGES)]
+    job = SimpleNamespace(p=object(), params=NagParams(enabled=True, end=0.5), negative=SimpleNamespace(encode=lambda *args: schedules))
+    nag_pass = ForgeMMDiTPass(job, PassReport(is_hires=False))
+    patcher = shared.sd_model.forge_objects.unet
+    patcher.forge_patch_model()
+    try:
+        denoiser_step(nag_pass, 0)
+        assert torch.equal(model(**arguments), guided(model, negative, arguments, rows_of("forge sd3.5 large", [1, 0], [])))
+        denoiser_step(nag_pass, 5)  # past the end: the model's own forward
+        assert torch.equal(model(**arguments), stock)
+    finally:
+        nag_pass.close()
+        patcher.forge_unpatch_model()
+    assert shared.sd_model.forge_objects.unet is original
+    line = JobReport(model="SD3", passes={False: nag_pass.report}).line()
+    assert line == "[NAG] active on SD3: first pass 1/10 steps guided (1 model calls), 3 joint blocks"
