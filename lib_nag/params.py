@@ -254,6 +254,15 @@ PRESETS: tuple[Preset, ...] = (
         "with Forge's shift 1.0 and the Simple scheduler sigma 0.75 falls after 15 of 30 steps, so end 0.5",
     ),
     Preset(
+        "SD3.5 Turbo (CFG 1)",
+        5.0,
+        2.5,
+        0.25,
+        0.6,
+        "authors' SD3.5-Large-Turbo workflow (8 steps, euler/simple, CFG 1): scale 5, tau 2.5, alpha 0.25, nag_sigma_end 0.75; "
+        "with SD3's flow shift 3, sigma stays at or above 0.75 for the first 5 of 8 steps, so end 0.6",
+    ),
+    Preset(
         "Paper (SDXL)",
         3.0,
         2.5,
