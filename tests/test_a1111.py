@@ -592,3 +592,24 @@ def test_pre_1_10_hooks_left_by_a_job_failing_before_sampling_go_at_the_next_job
     assert HOST.live is not None
     monkeypatch.setattr(processing.StableDiffusionProcessingTxt2Img, "setup_conds", working)
     run(job(spy, steps=1))
+
+
+def test_sd3_hires_img2img_and_failures_leave_the_mmdit_as_it_was(spy, monkeypatch, capsys):
+    model = load(make_sd_model("sd3"))
+    mmdit = model.model.diffusion_model
+    hires = {"enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 2, "denoising_strength": 0.6, "hr_upscaler": "Latent (nearest)"}
+    processed = run(job(spy, steps=2, **hires))
+    assert "first pass 2/2 steps guided (2 model calls), hires pass 2/2 steps guided (2 model calls)" in capsys.readouterr().out
+    assert "NAG scale: 5.0" in processed.infotexts[0]
+    init = torch.randn(1, 16, 8, 8)
+    assert "NAG scale: 5.0" in run(job(spy, kind=img2img, init_latent=init, denoising_strength=0.75, steps=2)).infotexts[0]
+    calls = []
+
+    def failing(self, x, *args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(type(mmdit), "forward", failing)  # the host's forward fails inside NAG's pass
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(job(spy, [True, 1.0, 2.5, 0.25, 0.5, 1.0, "", "Both passes"], steps=2))  # outside the window at step 0
+    assert calls and "forward" not in vars(mmdit) and not mmdit._forward_pre_hooks and not mmdit._forward_hooks
