@@ -1,6 +1,7 @@
 """The benchmark's code path (tests/bench.py) on miniature UNets, one repeat."""
 
 import json
+from dataclasses import replace
 
 import bench
 import pytest
@@ -107,41 +108,72 @@ def test_main_writes_every_number(tmp_path):
         assert result["noise"]["a_iqr_over_median"] >= 0
 
 
-def test_flux_variants_and_floor():
-    model = bench.FluxBench(bench.TINY_FLUX, resolution=64, batch=BATCH)
-    keys = list(bench.FLUX_VARIANTS)
+DIT_BENCHES = pytest.mark.parametrize(
+    "name,bench_class", [("tiny-flux", bench.FluxBench), ("tiny-sd35", bench.SD35Bench)], ids=["flux", "sd35"]
+)
+
+
+@DIT_BENCHES
+def test_dit_variants_and_floor(name, bench_class):
+    spec = bench.MODELS[name]
+    model = bench_class(spec, resolution=64, batch=BATCH)
+    off, nag, extra = keys = list(bench_class.variants)
     counted, outputs = bench.counted_flops(model.run, keys, keep_outputs=True)
-    assert {key: out.shape[0] for key, out in outputs.items()} == {"f": BATCH, "g": BATCH, "h": 2 * BATCH}
-    f, g, h = (outputs[key] for key in keys)
-    assert (g - f).abs().max() > 1e-4 * f.abs().max()  # NAG moved the cond rows
-    assert torch.allclose(h[:BATCH], f, rtol=1e-4, atol=1e-5 * f.abs().max().item())  # (h) = (f) plus the negative's rows
+    assert {key: out.shape[0] for key, out in outputs.items()} == {off: BATCH, nag: BATCH, extra: 2 * BATCH}
+    assert (outputs[nag] - outputs[off]).abs().max() > 1e-4 * outputs[off].abs().max()  # NAG moved the cond rows
+    scale = outputs[off].abs().max().item()
+    assert torch.allclose(outputs[extra][:BATCH], outputs[off], rtol=1e-4, atol=1e-5 * scale)  # the extra pass adds the negative's rows
     assert model.checks(outputs)["finite"]
 
-    image_tokens = bench.TINY_FLUX.image_tokens(64)
-    floor = bench.flux_nag_flops(bench.TINY_FLUX, image_tokens, BATCH)
-    assert floor["matmul_flops"] == counted["g"] - counted["f"]  # counter and analytic matmuls agree
-    assert bench.flux_pass_flops(bench.TINY_FLUX, image_tokens, BATCH) == counted["h"] - counted["f"]
-    assert 0 < floor["floor_flops"] < counted["h"] - counted["f"]
+    floor = model.floor()
+    assert floor["matmul_flops"] == counted[nag] - counted[off]  # counter and analytic matmuls agree
+    assert model.extra_pass_flops() == counted[extra] - counted[off]
+    assert 0 < floor["floor_flops"] < counted[extra] - counted[off]
+    assert 0 < model.full_model_floor_over_extra_pass(spec.negative_tokens) < 1
+
+
+def test_sd35_blocks_are_cut_back_to_the_last_pre_only():
+    model = bench.SD35Bench(bench.TINY_SD35, resolution=64).model
+    assert [block.context_block.pre_only for block in model.joint_blocks] == [False, True]
+    assert model.joint_blocks[0].x_block.attn.num_heads == 3  # 192 wide: heads of 64
 
 
 def test_flux_options_set_width_and_depth():
     args = bench.parse_args(["--models", "flux", "--device", "cpu", "--flux-hidden", "256", "--flux-blocks", "2,4"])
-    spec = bench.flux_spec_for("flux", args)
+    spec = bench.dit_spec_for("flux", args)
     assert (spec.hidden_size, spec.num_heads, spec.double_blocks, spec.single_blocks) == (256, 2, 2, 4)
     assert (spec.context_dim, spec.pooled_dim, spec.axes_dim, spec.negative_tokens) == (4096, 768, (16, 56, 56), 512)
     assert bench.resolution_for("flux", args) == 1024 and spec.image_tokens(1024) == 4096
-    assert bench.flux_spec_for("tiny-flux", args) is bench.TINY_FLUX
+    assert bench.dit_spec_for("tiny-flux", args) is bench.TINY_FLUX
 
 
-def test_main_writes_the_flux_numbers(tmp_path):
+@DIT_BENCHES
+def test_main_writes_the_dit_numbers(tmp_path, name, bench_class):
     path = tmp_path / "bench.json"
-    bench.main(["--models", "tiny-flux", "--batch", "1", "--repeats", "2", "--warmup", "0", "--json", str(path)])
-    result = json.loads(path.read_text())["models"]["tiny-flux"]
-    assert set(result["variants"]) == {"f", "g", "h"}
+    bench.main(["--models", name, "--batch", "1", "--repeats", "2", "--warmup", "0", "--json", str(path)])
+    result = json.loads(path.read_text())["models"][name]
+    off, nag, extra = bench_class.variants
+    assert set(result["variants"]) == {off, nag, extra}
     for variant in result["variants"].values():
-        assert {"label", "rows", "median_ms", "ratio_to_f", "times_ms", "counted_flops"} <= set(variant)
+        assert {"label", "rows", "median_ms", f"ratio_to_{off}", "times_ms", "counted_flops"} <= set(variant)
         assert variant["median_ms"] > 0 and len(variant["times_ms"]) == 2
-    assert {"floor_flops", "fraction", "counted_extra_g", "counted_extra_h", "floor_over_extra_pass"} <= set(result["floor"])
+    floor = result["floor"]
+    assert {"floor_flops", "fraction", f"counted_extra_{nag}", f"counted_extra_{extra}", "floor_over_extra_pass"} <= set(floor)
+    assert floor["matmul_flops"] == floor[f"counted_extra_{nag}"] and 0 < floor["full_model_floor_over_extra_pass"] < 1
+    assert {f"{nag}_changed_by_nag", f"{extra}_cond_rows_vs_{off}", "finite"} <= set(result["checks"])
     assert "nag_extra_over_extra_pass" in result
     assert set(result["targets"]) == {"floor", "extra_pass"}
     assert all(isinstance(target["pass"], bool) for target in result["targets"].values())
+
+
+def test_sd35_options_set_width_and_depth():
+    args = bench.parse_args(["--models", "sd35", "--device", "cpu", "--sd35-hidden", "256", "--sd35-blocks", "3"])
+    spec = bench.dit_spec_for("sd35", args)
+    assert (spec.hidden_size, spec.num_heads, spec.joint_blocks) == (256, 4, 3)
+    assert (spec.context_dim, spec.pooled_dim, spec.prompt_tokens, spec.negative_tokens) == (4096, 2048, 333, 333)
+    assert bench.resolution_for("sd35", args) == 1024 and spec.image_tokens(1024) == 4096
+    assert bench.dit_spec_for("tiny-sd35", args) is bench.TINY_SD35
+    model = bench.build_sd35(replace(spec, hidden_size=128, joint_blocks=2), resolution=32)
+    assert [block.context_block.pre_only for block in model.joint_blocks] == [False, True]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models", "sd35", "--device", "cpu", "--sd35-hidden", "128", "--sd35-blocks", "3"])  # 2 heads, 3 blocks
