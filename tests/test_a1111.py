@@ -594,7 +594,7 @@ def test_pre_1_10_hooks_left_by_a_job_failing_before_sampling_go_at_the_next_job
     run(job(spy, steps=1))
 
 
-def test_sd3_hires_img2img_and_failures_leave_the_mmdit_as_it_was(spy, monkeypatch, capsys):
+def test_sd3_hires_img2img_interrupted_and_failing_jobs_leave_the_mmdit_as_it_was(spy, monkeypatch, capsys):
     model = load(make_sd_model("sd3"))
     mmdit = model.model.diffusion_model
     hires = {"enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 2, "denoising_strength": 0.6, "hr_upscaler": "Latent (nearest)"}
@@ -609,6 +609,12 @@ def test_sd3_hires_img2img_and_failures_leave_the_mmdit_as_it_was(spy, monkeypat
         calls.append(1)
         raise RuntimeError("out of memory")
 
+    interrupt_at_step_1 = lambda params: setattr(shared.state, "interrupted", params.denoiser.step == 1)  # noqa: E731
+    script_callbacks.on_cfg_denoiser(interrupt_at_step_1)
+    run(job(spy, steps=3))
+    assert "forward" not in vars(mmdit) and not mmdit._forward_pre_hooks
+    script_callbacks.remove_callbacks_for_function(interrupt_at_step_1)
+    shared.state.interrupted = False
     monkeypatch.setattr(type(mmdit), "forward", failing)  # the host's forward fails inside NAG's pass
     with pytest.raises(RuntimeError, match="out of memory"):
         run(job(spy, [True, 1.0, 2.5, 0.25, 0.5, 1.0, "", "Both passes"], steps=2))  # outside the window at step 0
