@@ -169,6 +169,23 @@ def test_scale_one_changes_nothing(kind, record_difference):
 # --- the pass: Forge's patcher, object patch and step window -----------------------------------------
 
 
+def sample_in_and_after_the_window(nag_pass, patcher, call, guided_call, stock):
+    """Forge loads the pass's patcher for sampling; at step 0 (inside an end-0.5 window of 10 steps)
+    the model is guided, at step 5 it runs its own forward; then the pass ends and Forge unpatches.
+    Returns the guided output."""
+    patcher.forge_patch_model()
+    try:
+        denoiser_step(nag_pass, 0)
+        first = call()
+        assert torch.equal(first, guided_call())
+        denoiser_step(nag_pass, 5)
+        assert torch.equal(call(), stock)
+        return first
+    finally:
+        nag_pass.close()
+        patcher.forge_unpatch_model()
+
+
 def flux_sd_model(kind):
     """What Forge's sd_model holds for a Flux or Chroma checkpoint: the patcher over a KModel."""
     return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=tiny_model(kind)))))
@@ -193,17 +210,8 @@ def test_the_pass_patches_a_clone_and_guides_inside_the_window(kind):
     nag_pass = flux_pass(kind, negative, NagParams(enabled=True, end=0.5))
     patcher = shared.sd_model.forge_objects.unet
     assert patcher is not original and not original.object_patches and entry_point(model) not in vars(model)
-    patcher.forge_patch_model()  # Forge loads the pass's patcher for sampling
-    try:
-        denoiser_step(nag_pass, 0)
-        first = model(**arguments)
-        expected = guided(model, negative, arguments)
-        assert torch.equal(first, expected) and torch.equal(first[:IMAGES], stock[:IMAGES])
-        denoiser_step(nag_pass, 5)  # past the end: the model's own forward
-        assert torch.equal(model(**arguments), stock)
-    finally:
-        nag_pass.close()
-        patcher.forge_unpatch_model()
+    first = sample_in_and_after_the_window(nag_pass, patcher, lambda: model(**arguments), lambda: guided(model, negative, arguments), stock)
+    assert torch.equal(first[:IMAGES], stock[:IMAGES])
     assert shared.sd_model.forge_objects.unet is original
     assert nag_pass.report.guided == {0} and nag_pass.report.guided_calls == 1
     line = JobReport(model="Flux", passes={False: nag_pass.report}).line()

@@ -13,8 +13,7 @@ from backend.patcher.unet import UnetPatcher
 from modules import prompt_parser, shared
 from modules.models.sd3.mmdit import MMDiT
 from reference_mmdit import reference_mmdit
-from test_flux import EACH_LAYOUT, EACH_NEGATIVE_LENGTH, SIZES, assert_guided_as_expected, relative
-from test_forge import denoiser_step
+from test_flux import EACH_LAYOUT, EACH_NEGATIVE_LENGTH, SIZES, assert_guided_as_expected, relative, sample_in_and_after_the_window
 
 from lib_nag.attention import PositiveRows
 from lib_nag.hosts.forge import ForgeHost
@@ -179,15 +178,8 @@ def test_the_forge_pass_patches_a_clone_and_guides_inside_the_window():
     job = SimpleNamespace(p=object(), params=NagParams(enabled=True, end=0.5), negative=SimpleNamespace(encode=lambda *args: schedules))
     nag_pass = ForgeMMDiTPass(job, PassReport(is_hires=False))
     patcher = shared.sd_model.forge_objects.unet
-    patcher.forge_patch_model()
-    try:
-        denoiser_step(nag_pass, 0)
-        assert torch.equal(model(**arguments), guided(model, negative, arguments, rows_of("forge sd3.5 large", [1, 0], [])))
-        denoiser_step(nag_pass, 5)  # past the end: the model's own forward
-        assert torch.equal(model(**arguments), stock)
-    finally:
-        nag_pass.close()
-        patcher.forge_unpatch_model()
+    rows = rows_of("forge sd3.5 large", [1, 0], [])
+    sample_in_and_after_the_window(nag_pass, patcher, lambda: model(**arguments), lambda: guided(model, negative, arguments, rows), stock)
     assert shared.sd_model.forge_objects.unet is original
     line = JobReport(model="SD3", passes={False: nag_pass.report}).line()
     assert line == "[NAG] active on SD3: first pass 1/10 steps guided (1 model calls), 3 joint blocks"
