@@ -2,8 +2,8 @@
 // of a label in its global `titles` object, which extension scripts may extend.
 (function () {
     const nagTitles = {
-        "NAG": "Normalized Attention Guidance: pushes every cross-attention output (Flux, Chroma: every joint attention's image part) away from the one computed with the NAG negative prompt. Works at CFG 1 (Turbo, Lightning, DMD2, LCM, Flux), where the normal negative prompt does nothing.",
-        "NAG preset": "Fills scale, tau, alpha, start and end with values from the NAG authors for a kind of model (SD1.5, SDXL, few-step, Flux, Chroma). Tune only the scale afterwards. Shows Custom when the numbers match no preset.",
+        "NAG": "Normalized Attention Guidance: pushes every cross-attention output (Flux, Chroma, SD3: every joint attention's image part) away from the one computed with the NAG negative prompt. Works at CFG 1 (Turbo, Lightning, DMD2, LCM, SD3.5 Turbo, Flux), where the normal negative prompt does nothing.",
+        "NAG preset": "Fills scale, tau, alpha, start and end with values from the NAG authors for a kind of model (SD1.5, SDXL, few-step, Flux, Chroma, SD3.5 Turbo). Tune only the scale afterwards. Shows Custom when the numbers match no preset.",
         "NAG negative prompt": "What NAG steers away from. Empty: the main negative prompt. Emphasis, embeddings, BREAK and [from:to:step] work as in the main prompt; <lora:...> tags are ignored.",
         "NAG scale": "Strength. Same convention as the NAG authors' code: 1 = no guidance; the paper's phi is scale - 1 (paper phi 2 = scale 3). SD1.5: about 5; SDXL at 20+ steps: above 6; few-step models: about 3.",
         "NAG tau": "Cap on how far guidance may move each token: the guided output's L1 norm is kept at most tau times the positive one's. Lower it if images burn or break up.",
