@@ -69,6 +69,9 @@ class PositiveRows:
     negative_index: torch.Tensor
     row_span: slice | None = None
     negative_span: slice | None = None
+    # The same indices on the host: reading them back from a GPU tensor would wait for the device.
+    row_list: tuple[int, ...] = ()
+    negative_list: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, rows: list[int], negative_index: list[int], device: torch.device | str) -> PositiveRows:
@@ -77,6 +80,8 @@ class PositiveRows:
             torch.tensor(negative_index, dtype=torch.long, device=device),
             _span(rows),
             _span(negative_index),
+            tuple(rows),
+            tuple(negative_index),
         )
 
     def __len__(self) -> int:
@@ -99,7 +104,7 @@ class PositiveRows:
 
     def within(self, first: int, count: int) -> PositiveRows | None:
         """The positive rows among rows ``first … first+count−1``, numbered from ``first``."""
-        rows, negatives = self.rows.tolist(), self.negative_index.tolist()
+        rows, negatives = self.row_list, self.negative_list
         kept = [(r - first, n) for r, n in zip(rows, negatives, strict=True) if first <= r < first + count]
         if not kept:
             return None
@@ -110,7 +115,7 @@ class PositiveRows:
     def repeated(self, times: int, period: int) -> PositiveRows:
         """The same rows in each of ``times`` consecutive copies of a ``period``-row batch (the
         tile-major batches of tiled-diffusion extensions)."""
-        rows, negatives = self.rows.tolist(), self.negative_index.tolist()
+        rows, negatives = self.row_list, list(self.negative_list)
         return PositiveRows.of([t * period + r for t in range(times) for r in rows], negatives * times, self.rows.device)
 
 
@@ -246,10 +251,10 @@ class CrossAttentionNag:
         self._handles = []
         self.end_call()
 
-    def begin_call(self, x: torch.Tensor, positive: PositiveRows | None) -> None:
+    def begin_call(self, x: torch.Tensor | None, positive: PositiveRows | None) -> None:
         """An attention call over ``x`` starts; guide its ``positive`` rows (None: none)."""
         self.end_call()
-        self._call = _Call(x, positive) if positive is not None and len(positive) else None
+        self._call = _Call(x, positive) if x is not None and positive is not None and len(positive) else None
         self._call_guided = False
 
     def end_call(self) -> None:

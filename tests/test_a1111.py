@@ -619,3 +619,12 @@ def test_sd3_hires_img2img_interrupted_and_failing_jobs_leave_the_mmdit_as_it_wa
     with pytest.raises(RuntimeError, match="out of memory"):
         run(job(spy, [True, 1.0, 2.5, 0.25, 0.5, 1.0, "", "Both passes"], steps=2))  # outside the window at step 0
     assert calls and "forward" not in vars(mmdit) and not mmdit._forward_pre_hooks and not mmdit._forward_hooks
+
+
+def test_a_job_without_nag_leaves_the_hosts_infotext_dict_alone(spy):
+    """Another extension may hold the dict and write to it later."""
+    p = job(spy, [False, *NAG_ON[1:]], steps=1)
+    p.extra_generation_params["NAG-like key of another extension"] = 1
+    held = p.extra_generation_params
+    run(p)
+    assert p.extra_generation_params is held and "NAG-like key of another extension" in held

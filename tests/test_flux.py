@@ -3,6 +3,8 @@ backend/nn/flux.py and chroma.py and of Forge Neo's Flux.1 (backend/nn/flux_neo.
 Chroma (backend/nn/chroma_neo.py),
 against the ComfyUI-NAG reference (tests/reference_joint.py)."""
 
+import gc
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -327,3 +329,22 @@ def test_nothing_is_left_after_any_flux_job(ending):
     assert not script_callbacks.callback_map["callbacks_cfg_denoiser"]
     assert torch.equal(model(**arguments), type(model).forward(model, **arguments))  # the model's own forward again
     assert ("NAG scale" in p.extra_generation_params) == (ending != "raised")
+
+
+def test_nags_forward_left_on_a_loaded_model_is_inert_and_keeps_no_pass_alive():
+    """Forge unpatches only when it loads another patcher: until then NAG's forward stays on the model."""
+    shared.sd_model = flux_sd_model("flux")
+    arguments, negative = batch("flux", [0])
+    nag_pass = flux_pass("flux", negative)
+    patcher = shared.sd_model.forge_objects.unet
+    model = patcher.model.diffusion_model
+    patcher.forge_patch_model()
+    denoiser_step(nag_pass, 0)
+    nag_pass.close()
+    gone = weakref.ref(nag_pass)
+    del nag_pass
+    gc.collect()
+    assert gone() is None
+    assert entry_point(model) in vars(model)  # still patched: the host has not unloaded it
+    assert torch.equal(model(**arguments), type(model).forward(model, **arguments))
+    patcher.forge_unpatch_model()

@@ -326,3 +326,19 @@ def forge_block_module():
 
 
 _real_attn2_step = forge_block_module().attn2_step
+
+
+def test_a_pass_that_fails_to_hook_leaves_the_patcher_as_it_was(monkeypatch):
+    from lib_nag.attention import CrossAttentionNag
+
+    shared.sd_model = forge_model(randomize_outputs(sd1_like_unet()))
+    original = shared.sd_model.forge_objects.unet
+
+    def broken(self, modules):
+        raise RuntimeError("odd attn2")
+
+    monkeypatch.setattr(CrossAttentionNag, "install", broken)
+    with pytest.raises(RuntimeError, match="odd attn2"):
+        new_pass()
+    assert shared.sd_model.forge_objects.unet is original
+    assert not script_callbacks.callback_map["callbacks_cfg_denoiser"]

@@ -27,6 +27,13 @@ from ..attention import PositiveRows, repeats_with_period, row_offset
 from . import webui
 
 
+def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A call's input rows: its first positional argument, or ``x``; None if another extension
+    passed them otherwise (then the call is not placed)."""
+    x = args[0] if args else kwargs.get("x")
+    return x if isinstance(x, torch.Tensor) else None
+
+
 def slice_rows(value: Any, rows: int, keep: int) -> Any:
     """``value`` (tensors, possibly in dicts and lists) with only the first ``keep`` of ``rows`` rows."""
     if isinstance(value, torch.Tensor):
@@ -201,7 +208,7 @@ class DenoiserPlacement:
     def place_denoiser_call(self, _inner: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         layout = self.layout
         self.denoiser_call = self.padded_rows = None
-        if layout is None or not args:
+        if layout is None or not args or not isinstance(args[0], torch.Tensor):
             return None
         x, x_in = args[0], layout.params.x
         offset = row_offset(x, x_in)
@@ -238,10 +245,12 @@ class DenoiserPlacement:
         return out
 
     def place_unet_call(self, _unet: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("x")
+        x = first_tensor(args, kwargs)
         context = kwargs.get("context", args[2] if len(args) > 2 else None)
         call = self.denoiser_call
-        if call is None or not call.placed:
+        if x is None:
+            self.unet_call = Placement(0, None, placed=False)
+        elif call is None or not call.placed:
             self.unet_call = Placement(x.shape[0], None, placed=False)
         elif x.shape[0] == call.rows:
             self.unet_call = call
@@ -278,9 +287,9 @@ class A1111Pass(DenoiserPlacement, webui.CrossAttentionPass):
         self.remove_handles()
 
     def begin_attention(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs.get("x")
+        x = first_tensor(args, kwargs)
         call = self.unet_call
-        if self.layout is None or not self.layout.active:
+        if self.layout is None or not self.layout.active or x is None:
             self.nag.begin_call(x, None)
             return
         placed = call is not None and call.placed and x.shape[0] == call.rows

@@ -100,6 +100,7 @@ class ClonedPatcher:
 
     def close(self) -> None:
         super().close()
+        self.active = False  # a clone another extension copied from ours may outlive the pass
         for sd_model, clone, original in self.patched:
             if sd_model.forge_objects.unet is clone:
                 sd_model.forge_objects.unet = original
@@ -134,8 +135,8 @@ class ForgeModelPass(ClonedPatcher, webui.ModelPass):
             return False
         clone = original.clone()
         clone.add_object_patch(f"diffusion_model.{entry}", self.nag_forward(model))
-        self.use_clone(sd_model, clone)
         self.report.hooked = self.hooked_text(model)
+        self.use_clone(sd_model, clone)
         return True
 
     def unhook(self) -> None:
@@ -162,8 +163,8 @@ class ForgePass(ClonedPatcher, webui.CrossAttentionPass):
         clone = original.clone()
         without_our_patches(clone)
         clone.set_model_attn2_patch(self.attn2_patch())
-        self.use_clone(sd_model, clone)
         self.nag.install(attn2)
+        self.use_clone(sd_model, clone)
         return True
 
     def unhook(self) -> None:

@@ -548,7 +548,8 @@ class FluxPass(ForgeModelPass):
         return entry_point(model)
 
     def nag_forward(self, model: torch.nn.Module) -> Forward:
-        return nag_forward(model, lambda: self.nag.negative, self.params, lambda _options: self.active, self.nag.count(self.report))
+        negative, active = self.weak(lambda nag_pass: nag_pass.nag.negative), self.weak(lambda nag_pass: nag_pass.active, False)
+        return nag_forward(model, negative, self.params, active, self.nag.count(self.report))
 
     def hooked_text(self, model: torch.nn.Module) -> str:
         return f"{len(model.double_blocks)} double + {len(model.single_blocks)} single blocks"

@@ -211,6 +211,10 @@ def forge_rows(is_active: Callable[[dict], bool], on_call: OnCall | None = None)
     return rows_of
 
 
+def _no_rows(*_call: Any) -> None:
+    return None
+
+
 def _joint_blocks(model: torch.nn.Module) -> str:
     return f"{len(model.joint_blocks)} joint blocks"
 
@@ -220,8 +224,8 @@ class ForgeMMDiTPass(ForgeModelPass):
 
     def nag_forward(self, model: torch.nn.Module) -> Forward:
         count = self.nag.count(self.report)
-        rows = forge_rows(lambda _options: self.active, count)
-        return nag_forward(model, lambda: self.nag.negative, self.params, rows, count)
+        rows = forge_rows(self.weak(lambda nag_pass: nag_pass.active, False), count)
+        return nag_forward(model, self.weak(lambda nag_pass: nag_pass.nag.negative), self.params, rows, count)
 
     def hooked_text(self, model: torch.nn.Module) -> str:
         return _joint_blocks(model)
@@ -243,7 +247,9 @@ class A1111MMDiTPass(DenoiserPlacement, webui.ModelPass):
             self.report.skipped = f"another extension replaces the {type(model).__name__} forward, which NAG would have to run"
             return False
         self.place_model_calls(model)
-        forward = nag_forward(model, lambda: self.nag.negative, self.params, self.rows_of, self.nag.count(self.report))
+        negative = self.weak(lambda nag_pass: nag_pass.nag.negative)
+        rows = self.weak(lambda nag_pass: nag_pass.rows_of)
+        forward = nag_forward(model, negative, self.params, lambda *call: (rows() or _no_rows)(*call), self.nag.count(self.report))
         self.patched.append((model, forward, vars(model).get("forward")))
         model.forward = forward
         self.report.hooked = _joint_blocks(model)

@@ -5,6 +5,7 @@ A1111, Forge, reForge and Neo)."""
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,10 @@ def set_xyz_override(p: Any, name: str, value: Any) -> None:
 def write_infotext(p: Any, params: NagParams | None) -> None:
     """Put NAG's entries in the image parameters, or take them out. XYZ cells share one
     ``extra_generation_params`` dict, so a new dict is assigned."""
-    kept = {k: v for k, v in p.extra_generation_params.items() if not k.startswith("NAG ")}
+    ours = set(nag_params.to_infotext(nag_params.DEFAULTS))
+    if params is None and not ours & p.extra_generation_params.keys():
+        return  # a job without NAG keeps the host's dict as it is
+    kept = {k: v for k, v in p.extra_generation_params.items() if k not in ours}
     p.extra_generation_params = {**kept, **(nag_params.to_infotext(params) if params else {})}
 
 
@@ -262,7 +266,7 @@ class NagPass:
         try:
             self.hooked = self.hook(self.model)
         except BaseException:
-            self.unhook()
+            self.close()  # whatever ``hook`` installed before it failed
             raise
         script_callbacks.on_cfg_denoiser(self.on_cfg_denoiser)
 
@@ -400,6 +404,17 @@ class ModelPass(NagPass):
     def negative_from(self, cond: Any) -> Any:
         return cond
 
+    def weak(self, read: Callable[[Any], Any], dead: Any = None) -> Callable[..., Any]:
+        """``read(pass)`` while the pass lives, else ``dead``: NAG's forward can outlive the pass (Forge
+        unpatches at the next load; another extension may wrap it) and must not keep the job alive."""
+        ref = weakref.ref(self)
+
+        def call(*_args: Any) -> Any:
+            nag_pass = ref()
+            return dead if nag_pass is None else read(nag_pass)
+
+        return call
+
 
 class CrossAttentionPass(NagPass):
     """NAG on a UNet's cross-attention (``attn2``) layers, with the K⁻/V⁻ cache of the pass."""
@@ -463,7 +478,9 @@ class NagJob:
             report.skipped = f"NAG could not start ({type(error).__name__}: {error})"
             raise
         self.host.live = self
-        if not self.pass_.hooked:
+        if self.pass_.hooked:
+            report.skipped = ""  # an earlier batch's pass may have failed to start
+        else:
             report.skipped = report.skipped or "no cross-attention layer could be hooked"
             self.end_pass()
 
