@@ -7,20 +7,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from backend.nn import flux
+
+# Forge's chroma.py has these at module level (its blocks call them); NAG reads them from the
+# blocks' module, so they stay here although the blocks now inherit their use from flux's.
 from backend.nn.flux import (
     EmbedND,
     MLPEmbedder,
-    QKNorm,
     RMSNorm,
-    SelfAttention,
-    attention,
+    attention,  # noqa: F401
     image_from_patches,
-    mlp,
     patches_and_ids,
-    split_heads,
     timestep_embedding,
 )
-from backend.utils import fp16_fix
+from backend.utils import fp16_fix  # noqa: F401
 
 
 class Approximator(nn.Module):
@@ -45,56 +45,31 @@ class ModulationOut:
     gate: torch.Tensor
 
 
-class DoubleStreamBlock(nn.Module):
+def _triple(mod):
+    return mod.shift, mod.scale, mod.gate
+
+
+class DoubleStreamBlock(flux.DoubleStreamBlock):
+    """Flux's block without its modulation layers; ``mod`` is ``((img_mod1, img_mod2), (txt_mod1, txt_mod2))``."""
+
     def __init__(self, hidden_size, num_heads, mlp_ratio, qkv_bias=False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.hidden_size = hidden_size
-        self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.img_attn = SelfAttention(dim=hidden_size, num_heads=num_heads, qkv_bias=qkv_bias)
-        self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.img_mlp = mlp(hidden_size, mlp_ratio)
-        self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.txt_attn = SelfAttention(dim=hidden_size, num_heads=num_heads, qkv_bias=qkv_bias)
-        self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.txt_mlp = mlp(hidden_size, mlp_ratio)
+        super().__init__(hidden_size, num_heads, mlp_ratio, qkv_bias)
+        del self.img_mod, self.txt_mod
 
     def forward(self, img, txt, mod, pe):
         (img_mod1, img_mod2), (txt_mod1, txt_mod2) = mod
-        img_q, img_k, img_v = split_heads(self.img_attn.qkv((1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift), self.num_heads)
-        img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
-        txt_q, txt_k, txt_v = split_heads(self.txt_attn.qkv((1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift), self.num_heads)
-        txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        attn = attention(q, k, v, pe=pe)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp((1 + img_mod2.scale) * self.img_norm2(img) + img_mod2.shift)
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp((1 + txt_mod2.scale) * self.txt_norm2(txt) + txt_mod2.shift)
-        return img, fp16_fix(txt)
+        return self.modulated_forward(img, txt, (_triple(img_mod1), _triple(img_mod2)), (_triple(txt_mod1), _triple(txt_mod2)), pe)
 
 
-class SingleStreamBlock(nn.Module):
+class SingleStreamBlock(flux.SingleStreamBlock):
+    """Flux's block without its modulation layer; ``mod`` is a ``ModulationOut``."""
+
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.hidden_size = hidden_size
-        self.mlp_hidden_dim = int(hidden_size * mlp_ratio)
-        self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden_dim)
-        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size)
-        self.norm = QKNorm(hidden_size // num_heads)
-        self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp_act = nn.GELU(approximate="tanh")
+        super().__init__(hidden_size, num_heads, mlp_ratio)
+        del self.modulation
 
     def forward(self, x, mod, pe):
-        x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
-        qkv, hidden = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        q, k, v = split_heads(qkv, self.num_heads)
-        q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe=pe)
-        output = self.linear2(torch.cat((attn, self.mlp_act(hidden)), dim=2))
-        return fp16_fix(x + mod.gate * output)
+        return self.modulated_forward(x, _triple(mod), pe)
 
 
 class LastLayer(nn.Module):

@@ -141,10 +141,16 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = mlp(hidden_size, mlp_ratio)
 
     def forward(self, img, txt, vec, pe):
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
+        img_mods, txt_mods = self.img_mod(vec), self.txt_mod(vec)
+        return self.modulated_forward(img, txt, (img_mods[:3], img_mods[3:]), (txt_mods[:3], txt_mods[3:]), pe)
+
+    def modulated_forward(self, img, txt, img_mods, txt_mods, pe):
+        """The block after its modulation layers: ``*_mods`` are two (shift, scale, gate) triples per
+        stream (Forge writes this inline; Chroma's blocks, without modulation layers, share it here)."""
+        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mods
+        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mods
         img_q, img_k, img_v = split_heads(self.img_attn.qkv((1 + img_scale1) * self.img_norm1(img) + img_shift1), self.num_heads)
         img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
         txt_q, txt_k, txt_v = split_heads(self.txt_attn.qkv((1 + txt_scale1) * self.txt_norm1(txt) + txt_shift1), self.num_heads)
         txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
         q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
@@ -171,7 +177,11 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x, vec, pe):
-        shift, scale, gate = self.modulation(vec)
+        return self.modulated_forward(x, self.modulation(vec), pe)
+
+    def modulated_forward(self, x, modulation, pe):
+        """The block after its modulation layer: ``modulation`` is (shift, scale, gate)."""
+        shift, scale, gate = modulation
         qkv, hidden = torch.split(self.linear1((1 + scale) * self.pre_norm(x) + shift), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
