@@ -167,6 +167,7 @@ class DenoiserPlacement:
         self.attn2: list[torch.nn.Module] = []
         self.unet: torch.nn.Module | None = None
         self.denoiser: Any = None
+        self.varies: tuple[Any, bool] = (None, False)  # (the NAG negative, whether its images differ)
         super().__init__(job, report)
 
     def place_model_calls(self, model: torch.nn.Module) -> None:
@@ -194,9 +195,12 @@ class DenoiserPlacement:
         self.hook_inner_model(denoiser.inner_model)
 
     def negative_varies(self) -> bool:
-        """Whether the images of the batch have different NAG negatives (then each row's image matters)."""
-        negative = None if self.negative is None else webui.crossattn(self.negative)
-        return negative is not None and negative.shape[0] > 1 and not bool((negative == negative[:1]).all())
+        """Whether the images of the batch have different NAG negatives (then each row's image matters);
+        worked out once per NAG negative, which changes only when its schedule moves."""
+        if self.varies[0] is not self.negative:
+            negative = webui.crossattn(self.negative)
+            self.varies = (self.negative, negative.shape[0] > 1 and not bool((negative == negative[:1]).all()))
+        return self.varies[1]
 
     def hook_inner_model(self, inner: torch.nn.Module) -> None:
         if inner in self.inner_models:
