@@ -134,12 +134,8 @@ class QKNorm(nn.Module):
         return self.query_norm(q).to(v), self.key_norm(k).to(v)
 
 
-class LastLayer(nn.Module):
-    def __init__(self, hidden_size, patch_size, out_channels):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+class LastLayer(flux.LastLayer):
+    """Forge main's layers; Neo's forward takes ``vec`` with or without its token axis."""
 
     def forward(self, x, vec):
         if vec.ndim == 2:
