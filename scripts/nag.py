@@ -3,7 +3,8 @@
 import modules.scripts as scripts
 from modules import script_callbacks
 
-from lib_nag.hosts import HOST, ui, xyz
+from lib_nag.hosts import HOST
+from lib_nag.script import ui, xyz
 
 
 class NagScript(scripts.Script):

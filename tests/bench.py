@@ -19,7 +19,7 @@ patches) at a reduced depth with Flux's 1:2 double:single ratio, 1024²-shaped t
 512 text), at CFG 1 (Flux's usual case: one cond row per image):
 
 - (f) NAG off: the model's own forward over B rows.
-- (g) NAG as this project does it: ``lib_nag.hosts.forge_flux.nag_forward`` on the same call, with
+- (g) NAG as this project does it: ``lib_nag.models.flux.nag_forward`` on the same call, with
   a NAG negative of 512 tokens (as long as the prompt).
 - (h) an extra full pass: the model's forward over 2B rows (cond, NAG negative), what CFG costs.
 
@@ -29,7 +29,7 @@ latents in 2×2 patches) at a reduced number of joint blocks (the last one ``pre
 tokens (4096 image + 333 text: Forge's 77 CLIP + 256 T5), at CFG 1 (SD3.5 Large Turbo's case):
 
 - (i) NAG off: the model's own forward over B rows.
-- (j) NAG as this project does it: ``lib_nag.hosts.mmdit.nag_forward`` with Forge's rows
+- (j) NAG as this project does it: ``lib_nag.models.mmdit.nag_forward`` with Forge's rows
   (``forge_rows``), a NAG negative of 333 tokens.
 - (k) an extra full pass: the model's forward over 2B rows (cond, NAG negative).
 """
@@ -70,9 +70,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E
 
 from lib_nag.attention import CrossAttentionNag, NegativeKV, PositiveRows, attention  # noqa: E402
 from lib_nag.guidance import nag_combine  # noqa: E402
-from lib_nag.hosts.forge_flux import nag_forward as flux_nag_forward  # noqa: E402
-from lib_nag.hosts.mmdit import forge_rows  # noqa: E402
-from lib_nag.hosts.mmdit import nag_forward as mmdit_nag_forward  # noqa: E402
+from lib_nag.models.flux import nag_forward as flux_nag_forward  # noqa: E402
+from lib_nag.models.mmdit import forge_rows  # noqa: E402
+from lib_nag.models.mmdit import nag_forward as mmdit_nag_forward  # noqa: E402
 from lib_nag.params import NagParams  # noqa: E402
 
 MIB = 2**20
@@ -1070,7 +1070,7 @@ class DiTBench(ABC):
 
 
 class FluxBench(DiTBench):
-    """The Flux stand-in; (g) is ``lib_nag.hosts.forge_flux.nag_forward``."""
+    """The Flux stand-in; (g) is ``lib_nag.models.flux.nag_forward``."""
 
     variants = FLUX_VARIANTS
     row_arguments = ("timestep", "guidance")
@@ -1103,7 +1103,7 @@ class FluxBench(DiTBench):
 
 
 class SD35Bench(DiTBench):
-    """Forge's MMDiT-X stand-in; (j) is ``lib_nag.hosts.mmdit.nag_forward`` with Forge's rows."""
+    """Forge's MMDiT-X stand-in; (j) is ``lib_nag.models.mmdit.nag_forward`` with Forge's rows."""
 
     variants = SD35_VARIANTS
     row_arguments = ("t",)

@@ -13,8 +13,10 @@ from modules import errors, prompt_parser, script_callbacks, scripts, sd_models,
 from modules.api import api
 
 from lib_nag import params as nag_params
-from lib_nag.hosts import HOST, a1111
+from lib_nag.hosts import HOST
+from lib_nag.models import unet
 from lib_nag.params import NagParamError
+from lib_nag.webui import a1111_rows
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "nag.py"
 NAG_ON = [True, 5.0, 2.5, 0.25, 0.0, 1.0, "", "Both passes"]
@@ -35,7 +37,7 @@ class Spy:
     def __init__(self, monkeypatch):
         self.calls = []
         self.hooked = []
-        real_begin, real_hook, real_inner = a1111.A1111Pass.begin_attention, a1111.A1111Pass.hook, a1111.A1111Pass.hook_inner_model
+        real_begin, real_hook, real_inner = unet.A1111UNetPass.begin_attention, unet.A1111UNetPass.hook, unet.A1111UNetPass.hook_inner_model
 
         def begin(nag_pass, module, args, kwargs):
             real_begin(nag_pass, module, args, kwargs)
@@ -47,7 +49,7 @@ class Spy:
 
         def hook(nag_pass, sd_model):
             hooked = real_hook(nag_pass, sd_model)
-            unet = a1111.A1111Host.unet(sd_model)
+            unet = a1111_rows.diffusion_model(sd_model)
             self.hooked += [unet, *unet.modules()]
             return hooked
 
@@ -55,9 +57,9 @@ class Spy:
             self.hooked.append(inner)
             real_inner(nag_pass, inner)
 
-        monkeypatch.setattr(a1111.A1111Pass, "begin_attention", begin)
-        monkeypatch.setattr(a1111.A1111Pass, "hook", hook)
-        monkeypatch.setattr(a1111.A1111Pass, "hook_inner_model", hook_inner)
+        monkeypatch.setattr(unet.A1111UNetPass, "begin_attention", begin)
+        monkeypatch.setattr(unet.A1111UNetPass, "hook", hook)
+        monkeypatch.setattr(unet.A1111UNetPass, "hook_inner_model", hook_inner)
 
     def attn2_hooked(self):
         return any(m.to_q._forward_hooks for m in self.hooked if hasattr(m, "to_q"))
@@ -77,7 +79,7 @@ def assert_nothing_left(spy):
     assert HOST.live is None
     for module in spy.hooked:
         assert not module._forward_hooks and not module._forward_pre_hooks and "forward" not in vars(module)
-    ours = {"a1111.py", "webui.py"}
+    ours = {path.name for path in (SCRIPT.parents[1] / "lib_nag").rglob("*.py")}
     for callbacks in script_callbacks.callback_map.values():
         assert not [c for c in callbacks if Path(c.script).name in ours]
 
@@ -213,7 +215,7 @@ def test_window_counts_second_order_steps_once_and_unhooks_after_the_end(spy, ca
     )
     run(job(spy, args, steps=4, sampler_name="Heun"))
     assert hooked_at_last_call[0] and not hooked_at_last_call[-1]  # the host's forwards run after the end step
-    layers = len(a1111.webui.attn2_modules(shared.sd_model.model.diffusion_model))
+    layers = len(unet.attn2_modules(shared.sd_model.model.diffusion_model))
     assert len(spy.calls) == 2 * 2 * layers  # steps 0 and 1, two denoiser calls each
     assert "first pass 2/4 steps guided (28 cross-attention calls), 7 cross-attention layers hooked" in capsys.readouterr().out
 
@@ -244,7 +246,7 @@ def test_refiner_switch_moves_nag_to_the_refiner(spy):
     run(job(spy, steps=4, refiner_checkpoint=refiner.sd_checkpoint_info.title, refiner_switch_at=0.5))
     widths = [negative.shape[-1] for *_rest, negative in spy.calls]
     assert widths[0] == 2048 and widths[-1] == 1280
-    refiner_modules = set(map(id, (m for _n, m in a1111.webui.attn2_modules(refiner.model.diffusion_model))))
+    refiner_modules = set(map(id, (m for _n, m in unet.attn2_modules(refiner.model.diffusion_model))))
     assert any(id(module) in refiner_modules for module, *_ in spy.calls)
 
 
@@ -264,7 +266,7 @@ def test_cfg_1_skips_the_uncond_pass_with_the_same_result(spy, monkeypatch, unet
     skipped = run(job(spy, **fields)).images
     assert rows == [3, 3, 3]  # cond rows only: 1 for the cat, 2 for the dog's AND (weights sum to 1)
     rows.clear()
-    monkeypatch.setattr(a1111, "uncond_is_unused", lambda denoiser, weights: False)
+    monkeypatch.setattr(a1111_rows, "uncond_is_unused", lambda denoiser, weights: False)
     with_uncond = run(job(spy, **fields)).images
     assert rows == [5, 5, 5]
     for a, b in zip(skipped, with_uncond, strict=True):
@@ -333,7 +335,7 @@ def test_a_change_of_attention_optimization_between_jobs_is_honoured(spy, monkey
 
     monkeypatch.setattr(CrossAttention, "forward", optimized)  # as SdOptimization.apply() does
     run(job(spy, steps=2))
-    attn2 = {id(m) for _n, m in a1111.webui.attn2_modules(shared.sd_model.model.diffusion_model)}
+    attn2 = {id(m) for _n, m in unet.attn2_modules(shared.sd_model.model.diffusion_model)}
     assert any(id(m) in attn2 for m in calls)
 
 
@@ -421,7 +423,7 @@ def test_bad_api_arguments_fail_the_request_naming_the_field_and_the_next_works(
 
 
 def test_xyz_override_does_not_touch_the_shared_arguments(spy):
-    from lib_nag.hosts import xyz
+    from lib_nag.script import xyz
 
     p = job(spy, steps=2)
     shared_args = list(p.script_args)
@@ -464,7 +466,7 @@ def test_infotext_pastes_back_and_no_nag_keys_turn_it_off(spy):
 
 
 def test_ui_builds_the_accordion_in_argument_order(spy):
-    from lib_nag.hosts import ui
+    from lib_nag.script import ui
 
     _script, controls = built_ui(spy)
     assert [c.label for c in controls] == ["NAG", *(nag_params.label(n) for n in nag_params.ARG_ORDER[1:])]
@@ -477,7 +479,7 @@ def test_ui_builds_the_accordion_in_argument_order(spy):
 
 
 def test_xyz_axes_are_registered_once_per_ui_build(spy):
-    from lib_nag.hosts import xyz
+    from lib_nag.script import xyz
 
     spec = importlib.util.spec_from_file_location("xyz_grid.py", Path(__file__).parent / "a1111" / "xyz_grid.py")
     module = importlib.util.module_from_spec(spec)
@@ -501,7 +503,7 @@ def test_script_unload_mid_sampling_ends_the_job(spy):
     script_callbacks.on_cfg_denoiser(unload_at_step_1)
     p = job(spy, steps=3)
     run(p)
-    layers = len(a1111.webui.attn2_modules(shared.sd_model.model.diffusion_model))
+    layers = len(unet.attn2_modules(shared.sd_model.model.diffusion_model))
     assert steps == [0, 1, 2] and len(spy.calls) == layers  # guided at step 0 only
     assert "sample" not in p.__dict__ and "nag_job" not in p.__dict__
 
@@ -545,7 +547,7 @@ def test_hires_checkpoint_change_moves_nag_to_the_hires_model(spy):
     load(base)
     fields = {"enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 2, "denoising_strength": 0.6, "steps": 2}
     run(job(spy, hr_checkpoint_name=hires_model.sd_checkpoint_info.title, **fields))
-    hires_modules = {id(m) for _n, m in a1111.webui.attn2_modules(hires_model.model.diffusion_model)}
+    hires_modules = {id(m) for _n, m in unet.attn2_modules(hires_model.model.diffusion_model)}
     widths = {(id(module) in hires_modules, negative.shape[-1]) for module, *_rest, negative in spy.calls}
     assert widths == {(False, 768), (True, 1024)}  # each pass with its model's UNet and text encoder
 

@@ -1,4 +1,4 @@
-"""NAG on Flux.1 and Chroma through lib_nag.hosts.forge_flux, on tiny stand-ins of Forge main's
+"""NAG on Flux.1 and Chroma through lib_nag.models.flux, on tiny stand-ins of Forge main's
 backend/nn/flux.py and chroma.py and of Forge Neo's Flux.1 (backend/nn/flux_neo.py, Kontext too) and
 Chroma (backend/nn/chroma_neo.py),
 against the ComfyUI-NAG reference (tests/reference_joint.py)."""
@@ -18,10 +18,11 @@ from reference_joint import reference_joint
 from test_forge import denoiser_step, forge_model
 from unets import randomize_outputs, sd1_like_unet
 
-from lib_nag.hosts.forge import ForgeHost, ForgePass
-from lib_nag.hosts.forge_flux import FluxPass, entry_point, nag_forward
-from lib_nag.hosts.webui import JobReport, PassReport
+from lib_nag.hosts.forge import ForgeHost
+from lib_nag.models.flux import FluxPass, entry_point, nag_forward
+from lib_nag.models.unet import ForgeUNetPass
 from lib_nag.params import NagParams
+from lib_nag.webui.report import JobReport, PassReport
 
 PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
 NAG = (PARAMS.scale, PARAMS.tau, PARAMS.alpha)
@@ -256,7 +257,7 @@ def test_rows_that_cannot_be_placed_are_counted(capsys):
 
 def test_a_switch_between_sdxl_and_flux_picks_each_models_pass():
     host = ForgeHost.__new__(ForgeHost)
-    assert host.pass_for(forge_model(randomize_outputs(sd1_like_unet()))) is ForgePass
+    assert host.pass_for(forge_model(randomize_outputs(sd1_like_unet()))) is ForgeUNetPass
     assert host.pass_for(flux_sd_model("chroma")) is FluxPass
     assert host.pass_for(flux_sd_model("flux")) is FluxPass
 
@@ -287,7 +288,7 @@ def test_a_forge_main_structure_with_reference_latents_is_named_not_run():
 def test_nothing_is_left_after_any_flux_job(ending):
     """A job's ``p.sample`` guard ends the pass whatever happens inside sampling: the pass's patcher
     goes, Forge unpatches the model, no callback stays registered."""
-    from lib_nag.hosts.webui import NagHost, NagJob
+    from lib_nag.webui.job import NagHost, NagJob
 
     shared.sd_model = flux_sd_model("flux")
     original = shared.sd_model.forge_objects.unet

@@ -11,7 +11,7 @@ from backend.args import dynamic_args
 from test_flux import IMAGES, PARAMS, batch, flux_sd_model, guided, reference, relative, tiny_model
 
 from lib_nag.hosts.forge import ForgeHost
-from lib_nag.hosts.forge_flux import STOOD_ASIDE, FluxPass, nag_forward
+from lib_nag.models.flux import STOOD_ASIDE, FluxPass, nag_forward
 from lib_nag.params import NagParams
 
 REFERENCES = {"one reference": [(4, 6)], "two references": [(6, 4), (3, 5)]}  # latent sizes: the second is offset

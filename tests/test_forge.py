@@ -14,10 +14,12 @@ from modules import prompt_parser, script_callbacks, shared
 from reference import reference_guided_rows
 from unets import randomize_outputs, sd1_like_unet
 
-from lib_nag.hosts import forge
-from lib_nag.hosts.forge import ForgeHost, ForgePass, place, positive_chunks
-from lib_nag.hosts.webui import PassReport
+from lib_nag.hosts.forge import ForgeHost
+from lib_nag.models import unet
+from lib_nag.models.unet import ForgeUNetPass
 from lib_nag.params import NagParams
+from lib_nag.webui.forge_patcher import place, positive_chunks
+from lib_nag.webui.report import PassReport
 
 PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
 IMAGES = 2
@@ -41,7 +43,7 @@ def negative_schedules(width=768, tokens=154):
 def new_pass(params=PARAMS, is_hires=False, schedules=None):
     schedules = schedules or negative_schedules()
     job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda p, params, is_hires: schedules))
-    return ForgePass(job, PassReport(is_hires=is_hires))
+    return ForgeUNetPass(job, PassReport(is_hires=is_hires))
 
 
 def all_hooks_gone(unet):
@@ -50,7 +52,7 @@ def all_hooks_gone(unet):
 
 @pytest.fixture
 def forge_pass():
-    """A ForgePass on a tiny SD1-like UNet, with the job parts it reads."""
+    """A ForgeUNetPass on a tiny SD1-like UNet, with the job parts it reads."""
     shared.sd_model = forge_model(randomize_outputs(sd1_like_unet()))
     unet = shared.sd_model.forge_objects.unet.model.diffusion_model
     nag_pass = new_pass()
@@ -95,7 +97,7 @@ def test_hook_clones_the_patcher_with_one_attn2_patch_and_hooks_every_attn2(forg
     patcher = shared.sd_model.forge_objects.unet
     original = forge_pass.patched[0][2]
     assert patcher is not original and not original.model_options["transformer_options"]
-    assert [getattr(p, forge.NAG_PATCH) for p in patcher.model_options["transformer_options"]["patches"]["attn2_patch"]] == [True]
+    assert [getattr(p, unet.NAG_PATCH) for p in patcher.model_options["transformer_options"]["patches"]["attn2_patch"]] == [True]
     attn2 = [m for n, m in patcher.model.diffusion_model.named_modules() if n.endswith(".attn2")]
     assert len(attn2) == forge_pass.report.layers == 7
     assert all(m.to_q._forward_hooks and m.to_out[0]._forward_pre_hooks for m in attn2)

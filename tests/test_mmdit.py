@@ -1,4 +1,4 @@
-"""NAG on SD3/SD3.5 through lib_nag.hosts.mmdit, on tiny stand-ins of A1111 1.10.1's MMDiT
+"""NAG on SD3/SD3.5 through lib_nag.models.mmdit, on tiny stand-ins of A1111 1.10.1's MMDiT
 (modules/models/sd3/mmdit.py, SD3 Medium) and Forge main's MMDiT-X (backend/nn/mmditx.py: SD3.5 Large's
 rms qk-norm, SD3.5 Medium's image self-attention), against the ComfyUI-NAG reference
 (tests/reference_mmdit.py)."""
@@ -17,9 +17,9 @@ from test_flux import EACH_LAYOUT, EACH_NEGATIVE_LENGTH, SIZES, assert_guided_as
 
 from lib_nag.attention import PositiveRows
 from lib_nag.hosts.forge import ForgeHost
-from lib_nag.hosts.mmdit import STOOD_ASIDE, ForgeMMDiTPass, forge_rows, is_mmdit, nag_forward
-from lib_nag.hosts.webui import JobReport, PassReport
+from lib_nag.models.mmdit import STOOD_ASIDE, ForgeMMDiTPass, forge_rows, is_mmdit, nag_forward
 from lib_nag.params import NagParams
+from lib_nag.webui.report import JobReport, PassReport
 
 PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
 IMAGES, CONTEXT, POOLED, PROMPT_TOKENS, DEPTH = 2, 24, 12, 7, 3

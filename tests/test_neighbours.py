@@ -18,8 +18,8 @@ from unets import randomize_outputs, sd1_like_unet
 
 from lib_nag.attention import CrossAttentionNag
 from lib_nag.hosts import HOST
-from lib_nag.hosts.webui import JobReport
 from lib_nag.params import NagParams
+from lib_nag.webui.report import JobReport
 
 NAG_ON = [True, 5.0, 2.5, 0.25, 0.0, 1.0, "", "Both passes"]
 NAG_AT_1 = [True, 1.0, 2.5, 0.25, 0.0, 1.0, "", "Both passes"]

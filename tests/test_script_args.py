@@ -16,7 +16,8 @@ from modules.api import api
 from test_a1111 import load_script_module
 
 from lib_nag import params as nag_params
-from lib_nag.hosts import HOST, ui
+from lib_nag.hosts import HOST
+from lib_nag.script import ui
 
 HOSTS = ["gradio 3.41 (A1111, reForge)", "gradio 4.40 (Forge, Neo)"]
 

@@ -1,4 +1,5 @@
-"""Host adapters: the only code in this project that imports a WebUI's modules.
+"""The hosts: AUTOMATIC1111 and the Forge family, each picking the model family of the loaded model
+from the registry (``lib_nag.models.registry``).
 
 The host is recognised by what it ships, not by its name: the Forge family (Forge, reForge,
 Forge Classic, Neo) has ``modules_forge`` and samples through a UNet patcher; A1111 has neither.
@@ -6,7 +7,8 @@ Forge Classic, Neo) has ``modules_forge`` and samples through a UNet patcher; A1
 
 from importlib.util import find_spec
 
-from .webui import CONSOLE_PREFIX, NagHost
+from ..webui.job import NagHost
+from ..webui.report import CONSOLE_PREFIX
 
 
 def detect_host() -> NagHost:

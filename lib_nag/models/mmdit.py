@@ -1,4 +1,4 @@
-"""NAG for SD3 and SD3.5 (the MMDiT family), on both hosts' model code: A1111 1.10.1's
+"""The MMDiT family: NAG for SD3 and SD3.5, on both hosts' model code: A1111 1.10.1's
 ``modules/models/sd3/mmdit.py`` ``MMDiT`` (SD3 Medium; read at 82a973c0) and Forge main's
 ``backend/nn/mmditx.py`` ``MMDiTX`` (SD3.5 Large, Large Turbo and Medium; read at dfdcbab6). Both
 descend from Stability AI's reference and share its names and order of operations.
@@ -33,11 +33,11 @@ import torch
 from ..attention import PositiveRows
 from ..joint_attention import QKV, Attend, double_stream_attention
 from ..params import NagParams
-from . import webui
-from .a1111 import A1111Host, DenoiserPlacement
-from .forge import ForgeModelPass, positive_rows
-from .forge_flux import Forward
-from .webui import NAG_FORWARD, OnCall
+from ..webui.a1111_rows import DenoiserPlacement, diffusion_model
+from ..webui.family import A1111, FORGE, ModelFamily
+from ..webui.forge_patcher import ForgeModelPass, positive_rows
+from ..webui.passes import NAG_FORWARD, Forward, Job, ModelPass, OnCall, foreign_method
+from ..webui.report import PassReport
 
 STOOD_ASIDE = "a ControlNet on the call, which NAG's own run of the blocks would leave out"
 
@@ -231,19 +231,19 @@ class ForgeMMDiTPass(ForgeModelPass):
         return _joint_blocks(model)
 
 
-class A1111MMDiTPass(DenoiserPlacement, webui.ModelPass):
+class A1111MMDiTPass(DenoiserPlacement, ModelPass):
     """NAG on A1111's SD3 for one sampling pass. A1111 has no object patches: the pass sets
     ``nag_forward`` as the MMDiT's instance ``forward`` and, at the end, sets back exactly what was
     there; the rows of each call come from the CFG batch as on the UNet path. NAG stands aside if
     another extension replaced the MMDiT's forward."""
 
-    def __init__(self, job: webui.NagJob, report: webui.PassReport) -> None:
+    def __init__(self, job: Job, report: PassReport) -> None:
         self.patched: list[tuple[torch.nn.Module, Any, Any]] = []  # (model, NAG's forward, what was there)
         super().__init__(job, report)
 
     def hook(self, sd_model: Any) -> bool:
-        model = A1111Host.unet(sd_model)
-        if webui.foreign_method(model, "forward"):
+        model = diffusion_model(sd_model)
+        if foreign_method(model, "forward"):
             self.report.skipped = f"another extension replaces the {type(model).__name__} forward, which NAG would have to run"
             return False
         self.place_model_calls(model)
@@ -274,3 +274,6 @@ class A1111MMDiTPass(DenoiserPlacement, webui.ModelPass):
             self.nag.count(self.report)(False, "")
             return None
         return call.positive
+
+
+FAMILY = ModelFamily("MMDiT", {A1111: A1111MMDiTPass, FORGE: ForgeMMDiTPass}, is_mmdit)

@@ -6,7 +6,7 @@ from functools import partial
 from typing import Any
 
 from ..params import DEFAULTS
-from . import webui
+from ..webui.job import set_xyz_override
 
 PREFIX = "[NAG]"
 AXES = (
@@ -26,7 +26,7 @@ def xyz_module() -> Any:
 
 
 def apply(p: Any, value: Any, _values: list, *, name: str) -> None:
-    webui.set_xyz_override(p, name, str(value).strip().lower() == "true" if name == "enabled" else value)
+    set_xyz_override(p, name, str(value).strip().lower() == "true" if name == "enabled" else value)
 
 
 def confirm(_p: Any, values: list, *, name: str) -> None:

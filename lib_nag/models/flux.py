@@ -1,0 +1,290 @@
+"""The Flux family: Flux.1 and Chroma on Forge (``backend/nn/flux.py`` and ``backend/nn/chroma.py``, read
+at Forge main dfdcbab6) and Flux.1, Flux.1 Kontext and Chroma on Forge Neo (its ComfyUI ports,
+``backend/nn/flux.py`` read at 06d6af9a; ``backend/nn/chroma.py`` read in a copy of Neo v3.5,
+exo101/sd-webui-forge-neo-v3 @ 5692d2d1), guided as the authors' ComfyUI-NAG does it (see
+``lib_nag.joint_attention`` and ``flux_blocks``).
+
+``nag_forward`` builds a replacement for the diffusion model's entry point: Forge main's ``forward``,
+or Neo's ``forward_orig`` (Neo's own ``forward`` then makes the patches, ids and Kontext reference
+tokens and cuts the reference tokens from the output). When a call's batch has cond chunks and NAG
+is active, it runs the blocks itself with one NAG row per positive row (text: the NAG negative
+prompt; Flux's pooled vector: the NAG negative's; time, guidance and Chroma's modulations: the
+positive row's). Otherwise it calls the model's own entry point. Rows that are not positive get
+exactly what the host computes. ``FluxPass`` sets it as an object patch on the pass's cloned patcher.
+
+Kontext's reference tokens are image-stream tokens, as in the authors' NAGFlux: the NAG rows reuse
+their positive rows' reference q/k/v, the reference tokens' attention output is guided with the rest
+of the image, and the host drops them at the end (``out[:, :img_tokens]``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..attention import PositiveRows
+from ..params import NagParams
+from ..webui.conditioning import crossattn
+from ..webui.family import FORGE, ModelFamily
+from ..webui.forge_patcher import ForgeModelPass, positive_rows
+from ..webui.passes import NAG_FORWARD, Forward, OnCall
+from .flux_blocks import BlockCall, Inputs, chroma_modulations, flux_modulations, run_blocks, scale_and_shift, unchanged
+
+STOOD_ASIDE = "a ControlNet, attention mask or block patch on the call, which NAG's own run of the blocks would leave out"
+
+
+def _patches(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forge's forward before ``inner_forward``: circular pad to even sizes, 2×2 patches
+    ``[B, h/2·w/2, C·4]``, and their ids ``[B, L, 3]`` (0, row, column) in x's dtype."""
+    batch, channels, height, width = x.shape
+    x = torch.nn.functional.pad(x, (0, width % 2, 0, height % 2), mode="circular")
+    rows, columns = (height + 1) // 2, (width + 1) // 2
+    img = x.view(batch, channels, rows, 2, columns, 2).permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * columns, channels * 4)
+    ids = torch.zeros((rows, columns, 3), device=x.device, dtype=x.dtype)
+    ids[..., 1] = ids[..., 1] + torch.linspace(0, rows - 1, steps=rows, device=x.device, dtype=x.dtype)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.linspace(0, columns - 1, steps=columns, device=x.device, dtype=x.dtype)[None, :]
+    return img, ids.view(1, rows * columns, 3).expand(batch, -1, -1)
+
+
+def _image(out: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Patches back to ``[B, C, height, width]``, the padding cut."""
+    batch, _, channels = out.shape
+    rows, columns = (height + 1) // 2, (width + 1) // 2
+    image = (
+        out.view(batch, rows, columns, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(batch, channels // 4, rows * 2, columns * 2)
+    )
+    return image[:, :, :height, :width]
+
+
+def _text_ids(rows: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((rows, tokens, 3), device=like.device, dtype=like.dtype)
+
+
+def _flux_conditioning(y: torch.Tensor, guidance: torch.Tensor | None = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flux's ``forward(x, timestep, context, y, guidance=None, **kwargs)`` arguments after context."""
+    return y, guidance
+
+
+def _is_comfy_port(model: Any) -> bool:
+    """Forge Neo's Flux is a port of ComfyUI's: ``forward`` makes the tokens, ``forward_orig`` runs the blocks."""
+    return hasattr(model, "forward_orig")
+
+
+def entry_point(model: Any) -> str:
+    """The model's method ``nag_forward`` replaces."""
+    return "forward_orig" if _is_comfy_port(model) else "forward"
+
+
+def _neo_runs_blocks_only(model: torch.nn.Module, named: dict[str, Any]) -> bool:
+    """Whether Neo's ``forward_orig`` (its arguments by name) would only run the blocks on this call, as
+    NAG does: no ControlNet residuals, attention mask, ``post_input`` or ``dit`` block patches, and for
+    Flux.1 the pooled vector and (for a guidance-distilled model) the guidance that NAG's rows take."""
+    options = named["transformer_options"]
+    patched = "post_input" in options.get("patches", {}) or bool(options.get("patches_replace", {}).get("dit"))
+    y, guidance = named.get("y"), named["guidance"]
+    has_inputs = hasattr(model, "distilled_guidance_layer") or (y is not None and (guidance is not None or not model.guidance_embed))
+    return named["control"] is None and named["attn_mask"] is None and not patched and has_inputs
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """One call's token sequences before the input layers: the image's patches (on Neo followed by the
+    Kontext reference tokens), the T5 context, and their position ids."""
+
+    img: torch.Tensor
+    img_ids: torch.Tensor
+    txt: torch.Tensor
+    txt_ids: torch.Tensor
+
+
+class _NagRunner:
+    """The guided entry points of one model: Forge main's ``forward`` and Neo's ``forward_orig``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        negative: Callable[[], torch.Tensor | dict[str, torch.Tensor]],
+        params: NagParams,
+        is_active: Callable[[dict], bool],
+        on_guided: OnCall | None,
+    ) -> None:
+        self.model, self.negative, self.params, self.is_active, self.on_guided = model, negative, params, is_active, on_guided
+        self.host = sys.modules[type(model.double_blocks[0]).__module__]  # attention, modulation, fp16_fix, embeddings
+        self.is_chroma = hasattr(model, "distilled_guidance_layer")
+
+    def positive(self, n: torch.Tensor, context: torch.Tensor, options: dict) -> PositiveRows | None:
+        """The positive rows of a call NAG guides; ``None`` outside the window or without a cond chunk."""
+        if not self.is_active(options):
+            return None
+        placed, positive = positive_rows(n, context, options)
+        if not placed and self.on_guided is not None:
+            self.on_guided(False, "")
+        return positive
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Forge main's ``forward``: patches and ids as the host makes them, the blocks, unpatched."""
+        positive = self.positive(x, context, kwargs.get("transformer_options") or {})
+        if positive is None:
+            return type(self.model).forward(self.model, x, timestep, context, *args, **kwargs)
+        img, img_ids = _patches(x)
+        y, guidance = (None, None) if self.is_chroma else _flux_conditioning(*args, **kwargs)
+        tokens = _Tokens(img, img_ids, context, _text_ids(x.shape[0], context.shape[1], x))
+        return _image(self.blocks(tokens, positive, timestep, y, guidance), x.shape[2], x.shape[3])
+
+    def forward_orig(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Neo's ``forward_orig``, called by Neo's ``forward`` and read by the host's own signature:
+        Flux.1's ``(img, img_ids, txt, txt_ids, timesteps, y, guidance, control, transformer_options,
+        attn_mask)`` (Kontext's tokens included, the timestep /1000) or Chroma's, the same without ``y``
+        (the timestep as given, zero guidance unless given). The step window is the pass's, read from
+        ``transformer_options``."""
+        model = self.model
+        call = inspect.signature(type(model).forward_orig).bind(model, *args, **kwargs)
+        call.apply_defaults()
+        named = call.arguments
+        positive = self.positive(named["img"], named["txt"], named["transformer_options"])
+        if positive is not None and not _neo_runs_blocks_only(model, named):
+            if self.on_guided is not None:
+                self.on_guided(False, STOOD_ASIDE)
+            positive = None
+        if positive is None:
+            return type(model).forward_orig(*call.args, **call.kwargs)
+        tokens = _Tokens(named["img"], named["img_ids"], named["txt"], named["txt_ids"])
+        return self.blocks(tokens, positive, named["timesteps"], named.get("y"), named["guidance"])
+
+    def blocks(
+        self, tokens: _Tokens, positive: PositiveRows, timestep: torch.Tensor, y: torch.Tensor | None, guidance: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The input layers, both block stacks with the NAG rows and the final layer: ``[rows, tokens, C·4]``."""
+        model, host = self.model, self.host
+        img = model.img_in(tokens.img)
+        inputs = Inputs(positive, timestep, y, guidance, img.shape[0], img.device, img.dtype)
+        conditioning = self.negative()
+        if self.is_chroma:
+            modulations, context_negative = chroma_modulations(model, host, inputs), crossattn(conditioning)
+        else:
+            modulations = flux_modulations(model, host, inputs, positive.negatives(conditioning["vector"].to(y)))
+            context_negative = conditioning["crossattn"]
+        txt_negative = positive.negatives(context_negative.to(tokens.txt))  # on the call's device before indexing
+        txt_ids_negative = tokens.txt_ids.new_zeros((len(positive), txt_negative.shape[1], tokens.txt_ids.shape[2]))
+        is_neo = _is_comfy_port(model)
+        call = BlockCall(
+            positive,
+            model.pe_embedder(torch.cat((tokens.txt_ids, tokens.img_ids), dim=1)),
+            model.pe_embedder(torch.cat((txt_ids_negative, positive.take(tokens.img_ids)), dim=1)),
+            host.attention,
+            host.fp16_fix,
+            self.params,
+            host.apply_mod if is_neo else scale_and_shift,
+            host.fp16_fix if is_neo else unchanged,
+        )
+        out = run_blocks(model, img, model.txt_in(tokens.txt), model.txt_in(txt_negative), modulations, call)
+        if self.on_guided is not None:
+            self.on_guided(True, "")
+        return out
+
+
+def nag_forward(
+    model: torch.nn.Module,
+    negative: Callable[[], torch.Tensor | dict[str, torch.Tensor]],
+    params: NagParams,
+    is_active: Callable[[dict], bool],
+    on_guided: OnCall | None = None,
+) -> Forward:
+    """A replacement for the model's ``entry_point`` (a Forge ``IntegratedFluxTransformer2DModel`` or
+    ``IntegratedChromaTransformer2DModel``: ``forward``; Neo's Flux.1 and Chroma: ``forward_orig``) that guides
+    the cond rows with NAG.
+
+    ``negative()`` is the NAG negative now, one row per image of the batch: for Flux the conditioning
+    dict (``crossattn [images, tokens, T5]``, ``vector [images, pooled]``), for Chroma the T5 tensor.
+    ``is_active(transformer_options)`` says whether NAG guides this call (the step window); when it
+    is false, or the call has no cond chunk, the model's own method runs. The call's rows are
+    placed from ``cond_or_uncond`` as on the UNet path (whole copies of the batch too); ``on_guided``
+    is told, for each active call, whether it was guided, and if not, why ("": its rows could not
+    be placed).
+    """
+    entry = getattr(_NagRunner(model, negative, params, is_active, on_guided), entry_point(model))
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return entry(*args, **kwargs)
+
+    setattr(forward, NAG_FORWARD, True)
+    return forward
+
+
+def is_joint_transformer(model: Any) -> bool:
+    """A Flux-like model: double- and single-stream block stacks."""
+    return all(hasattr(model, name) for name in ("double_blocks", "single_blocks", "txt_in", "img_in"))
+
+
+def _neo_blocks_in_flux1_form(model: Any, modulation: bool) -> bool:
+    """Neo's blocks as Flux.1 has them: with (or, Chroma, without) per-block modulation layers, text
+    before image, Flux.1's MLPs."""
+    doubles = all(
+        getattr(block, "modulation", None) is modulation and not getattr(block, "flipped_img_txt", False) for block in model.double_blocks
+    )
+    # Builds without these attributes have only Flux.1's text-first order and MLPs.
+    return doubles and all(
+        not getattr(block, "yak_mlp", False) and getattr(block, "mlp_hidden_dim_first", block.mlp_hidden_dim) == block.mlp_hidden_dim
+        for block in model.single_blocks
+    )
+
+
+def _is_neo_flux1(model: Any) -> bool:
+    """Neo's port in its Flux.1 form: per-block modulation layers, no text norm or text position ids
+    (its Flux.2 variants are not run)."""
+    flux1 = {"global_modulation": False, "txt_norm": None, "txt_ids_dims": []}
+    if not hasattr(model, "vec_in_dim") or any(getattr(model, name, True) != value for name, value in flux1.items()):
+        return False
+    return _neo_blocks_in_flux1_form(model, modulation=True)
+
+
+def _is_neo_chroma(model: Any) -> bool:
+    """Neo's port of ComfyUI's Chroma: modulations from ``get_modulations``, Flux.1 blocks without
+    modulation layers, no block skipped (``skip_mmdit``, ``skip_dit``)."""
+    if not (hasattr(model, "get_modulations") and hasattr(model, "distilled_guidance_layer")):
+        return False
+    skips = getattr(model, "skip_mmdit", None), getattr(model, "skip_dit", None)
+    return skips == ([], []) and _neo_blocks_in_flux1_form(model, modulation=False)
+
+
+def _is_forge_main_flux(model: Any) -> bool:
+    """Forge main's ``forward`` → ``inner_forward``, without reference latents (an older Neo had
+    Kontext on that structure; NAG's run of ``forward`` would leave them out)."""
+    return hasattr(model, "inner_forward") and "ref_latents" not in inspect.signature(type(model).forward).parameters
+
+
+def is_flux_family(model: Any) -> bool:
+    """Flux.1 or Chroma as Forge main builds them (``inner_forward``), or Flux.1 (Kontext too) or Chroma
+    as Forge Neo's ComfyUI ports build them (``forward_orig``)."""
+    if not is_joint_transformer(model):
+        return False
+    return (_is_neo_flux1(model) or _is_neo_chroma(model)) if _is_comfy_port(model) else _is_forge_main_flux(model)
+
+
+class FluxPass(ForgeModelPass):
+    """NAG on a Flux or Chroma model for one sampling pass (``nag_forward`` as the object patch)."""
+
+    def entry_point(self, model: torch.nn.Module) -> str:
+        return entry_point(model)
+
+    def nag_forward(self, model: torch.nn.Module) -> Forward:
+        negative, active = self.weak(lambda nag_pass: nag_pass.nag.negative), self.weak(lambda nag_pass: nag_pass.active, False)
+        return nag_forward(model, negative, self.params, active, self.nag.count(self.report))
+
+    def hooked_text(self, model: torch.nn.Module) -> str:
+        return f"{len(model.double_blocks)} double + {len(model.single_blocks)} single blocks"
+
+
+def unsupported_joint_transformer(model: Any) -> str:
+    """Why a Flux-like model that is not one of these is not run."""
+    if is_joint_transformer(model):
+        return f"NAG runs Forge's own Flux and Chroma models; this host's {type(model).__name__} is another one, not supported yet"
+    return ""
+
+
+FAMILY = ModelFamily("Flux", {FORGE: FluxPass}, is_flux_family, unsupported_joint_transformer)

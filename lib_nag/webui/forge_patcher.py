@@ -1,0 +1,132 @@
+"""The Forge family (Forge 2, reForge, Forge Classic, Forge Neo): where the rows of each model call
+stand, and the pass's own clone of the UNet patcher.
+
+- Rows: Forge batches a call in chunks labelled by ``transformer_options["cond_or_uncond"]`` (0: cond),
+  in any order; the positive rows are the cond chunks' rows, in a batch of exactly those chunks or in
+  whole copies of it (Forge's integrated MultiDiffusion tiles). Rows that cannot be placed are not
+  guided, and counted.
+- ``ClonedPatcher``: a pass samples on its own clone of ``p.sd_model.forge_objects.unet``, put back at
+  the end of the pass, and follows the step window (``active``).
+- ``ForgeModelPass``: NAG that runs the whole model, as an object patch of its entry point on that clone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..attention import PositiveRows, repeats_with_period
+from .passes import Forward, Job, ModelPass, foreign_method
+from .report import PassReport
+
+COND = 0  # cond_or_uncond label of a positive chunk
+
+
+def diffusion_model(sd_model: Any) -> torch.nn.Module | None:
+    """The model inside the UNet patcher Forge samples with."""
+    patcher = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
+    return getattr(getattr(patcher, "model", None), "diffusion_model", None)
+
+
+def positive_chunks(cond_or_uncond: list[int], rows: int, device: torch.device) -> PositiveRows | None:
+    """The rows of the chunks labelled cond; chunk ``i`` holds rows ``i·B … (i+1)·B−1`` and row
+    ``j`` of every chunk is image ``j`` of the batch."""
+    per_chunk = rows // len(cond_or_uncond)
+    chunks = [i for i, label in enumerate(cond_or_uncond) if label == COND]
+    if not chunks:
+        return None
+    images = list(range(per_chunk))
+    return PositiveRows.of([c * per_chunk + j for c in chunks for j in images], images * len(chunks), device)
+
+
+def chunk_rows(extra_options: dict) -> int | None:
+    """The rows of the batch ``cond_or_uncond`` describes: one per chunk and image."""
+    labels = extra_options.get("cond_or_uncond") or []
+    sigmas = extra_options.get("sigmas")
+    images = sigmas.shape[0] if isinstance(sigmas, torch.Tensor) and sigmas.dim() else None
+    return images * len(labels) if labels and images else None
+
+
+def place(n: torch.Tensor, context: Any, extra_options: dict) -> tuple[bool, int]:
+    """Whether the rows of ``n`` are the batch ``cond_or_uncond`` describes, or whole copies of it
+    (a tiled-diffusion wrapper's tile-major batch, its context repeated alike), and how many."""
+    rows = chunk_rows(extra_options)
+    if rows is None:
+        return False, 0
+    if n.shape[0] == rows:
+        return True, 1
+    copies = isinstance(context, torch.Tensor) and context.shape[0] == n.shape[0] and repeats_with_period(context, rows)
+    return copies, n.shape[0] // rows if copies else 0
+
+
+Chunks = Callable[[list[int], int, torch.device], PositiveRows | None]
+
+
+def positive_rows(n: torch.Tensor, context: Any, extra_options: dict, chunks: Chunks = positive_chunks) -> tuple[bool, PositiveRows | None]:
+    """Whether the rows of ``n`` could be placed (see ``place``), and which are positive."""
+    placed, copies = place(n, context, extra_options)
+    if not placed:
+        return False, None
+    period = n.shape[0] // copies
+    positive = chunks(extra_options["cond_or_uncond"], period, n.device)
+    return True, positive.repeated(copies, period) if positive is not None and copies > 1 else positive
+
+
+class ClonedPatcher:
+    """For a pass that samples on its own clone of ``forge_objects.unet`` (put back at the end, if
+    the host has not already replaced it) and follows the step window (``active``)."""
+
+    def __init__(self, job: Job, report: PassReport) -> None:
+        self.active = False
+        self.patched: list[tuple[Any, Any, Any]] = []  # (sd_model, our clone, the patcher it replaced)
+        super().__init__(job, report)
+
+    def use_clone(self, sd_model: Any, clone: Any) -> None:
+        self.patched.append((sd_model, clone, sd_model.forge_objects.unet))
+        sd_model.forge_objects.unet = clone
+
+    def close(self) -> None:
+        super().close()
+        self.active = False  # a clone another extension copied from ours may outlive the pass
+        for sd_model, clone, original in self.patched:
+            if sd_model.forge_objects.unet is clone:
+                sd_model.forge_objects.unet = original
+        self.patched = []
+
+    def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
+        self.active = active
+
+
+class ForgeModelPass(ClonedPatcher, ModelPass):
+    """NAG that runs the whole model on Forge: the pass's clone of the patcher carries an object patch
+    of the model's entry point (``nag_forward``); Forge sets it when it loads the patcher for sampling
+    and sets back what was there when it unloads it, so nothing stays on the model. Outside the
+    window the patched method runs the model's own. NAG stands aside if another extension replaced
+    that method."""
+
+    def entry_point(self, model: torch.nn.Module) -> str:
+        return "forward"
+
+    def nag_forward(self, model: torch.nn.Module) -> Forward:
+        raise NotImplementedError
+
+    def hooked_text(self, model: torch.nn.Module) -> str:
+        raise NotImplementedError
+
+    def hook(self, sd_model: Any) -> bool:
+        original = sd_model.forge_objects.unet
+        model = original.model.diffusion_model
+        entry = self.entry_point(model)
+        if any(foreign_method(model, name, original) for name in dict.fromkeys(("forward", entry))):
+            self.report.skipped = f"another extension replaces the {type(model).__name__} forward, which NAG would have to run"
+            return False
+        clone = original.clone()
+        clone.add_object_patch(f"diffusion_model.{entry}", self.nag_forward(model))
+        self.report.hooked = self.hooked_text(model)
+        self.use_clone(sd_model, clone)
+        return True
+
+    def unhook(self) -> None:
+        self.active = False
