@@ -1,4 +1,4 @@
-"""The core (every lib_nag module outside lib_nag.hosts) imports no WebUI or ldm code."""
+"""The core (every module directly in lib_nag) imports no WebUI or ldm code."""
 
 import ast
 import subprocess
