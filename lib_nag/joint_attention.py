@@ -7,7 +7,12 @@ row is guided away from the NAG row's (``nag_combine``), as the authors' ComfyUI
 - double-stream blocks (and every joint block of SD3's MMDiT): the NAG row has no image stream of its own; it attends with the positive
   row's image q/k/v over its own text, and its text stream is updated by its own attention output;
 - single-stream blocks: the NAG row is a full stream; the guided image output is written into both
-  the positive and the NAG row, text outputs stay unguided.
+  the positive and the NAG row, text outputs stay unguided (``single_stream_attention``). Where the
+  model's modulation carries no text (Chroma, and Neo's newer single-stream models), the NAG row's
+  image tokens stay equal to its positive row's in every block: their inputs, modulation and guided
+  attention output are the same. Then the NAG row is its text tokens alone, and attends with its
+  positive row's image q/k/v (``single_stream_text_attention``): the same values, without
+  recomputing the image tokens.
 
 Positive text and NAG text are separate tensors (their lengths may differ; nothing is padded). The
 host gives its attention as ``attend(q, k, v, pe)``: ``[batch, heads, tokens, head_dim]`` tensors and
@@ -108,3 +113,36 @@ def single_stream_attention(
     image_negative = out_negative[:, txt_length_negative:]
     image_negative.copy_(_guide_image(out[:, txt_length:], image_negative, positive, params))
     return out, out_negative
+
+
+def single_stream_text_attention(
+    qkv: QKV,
+    txt_negative: QKV,
+    txt_length: int,
+    text_first: bool,
+    positive: PositiveRows,
+    pe: torch.Tensor | None,
+    pe_negative: torch.Tensor | None,
+    attend: Attend,
+    params: NagParams,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a single-stream block with NAG, the NAG rows given as their text tokens alone.
+
+    ``qkv`` holds every row of the batch: ``txt_length`` text tokens and the image tokens, text first
+    or (``text_first`` false) image first. ``txt_negative`` holds the NAG rows' text tokens (one row per
+    positive row); each NAG row attends over them and its positive row's image q/k/v, in the batch's
+    token order (``pe_negative`` is that sequence's rotary embedding). Returns the attention output of
+    every row, whose positive rows' image tokens are guided, and the NAG rows' text-token output; the
+    NAG rows' image output is the guided one, which the positive rows already hold.
+    """
+    out = qkv.attend(attend, pe)
+    image = qkv.rows(positive)
+    image = QKV(*(t[:, :, txt_length:] if text_first else t[:, :, : t.shape[2] - txt_length] for t in image))
+    nag_rows = txt_negative.then(image) if text_first else image.then(txt_negative)
+    out_negative = nag_rows.attend(attend, pe_negative)
+    image_tokens, txt_length_negative = image.q.shape[2], txt_negative.q.shape[2]
+    if text_first:
+        _guide_image(out[:, txt_length:], out_negative[:, txt_length_negative:], positive, params)
+        return out, out_negative[:, :txt_length_negative]
+    _guide_image(out[:, :image_tokens], out_negative[:, :image_tokens], positive, params)
+    return out, out_negative[:, image_tokens:]
