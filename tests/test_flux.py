@@ -19,6 +19,7 @@ from test_forge import denoiser_step, forge_model
 from unets import randomize_outputs, sd1_like_unet
 
 from lib_nag.hosts.forge import ForgeHost
+from lib_nag.models import flux_blocks
 from lib_nag.models.flux import FluxPass, entry_point, nag_forward
 from lib_nag.models.unet import ForgeUNetPass
 from lib_nag.params import NagParams
@@ -167,6 +168,23 @@ def test_scale_one_changes_nothing(kind, record_difference):
     difference = relative(guided(model, negative, arguments, NagParams(enabled=True, scale=1.0)), model(**arguments))
     record_difference(difference)
     assert difference <= 1e-6
+
+
+@EACH_NEGATIVE_LENGTH
+@EACH_LAYOUT
+@pytest.mark.parametrize("kind", CHROMAS)
+def test_chroma_nag_rows_as_text_alone_equal_the_full_nag_stream(kind, chunks, negative_tokens, monkeypatch, record_difference):
+    """Chroma's modulations carry no prompt, so NAG runs its rows' single-stream blocks on their text
+    alone; that gives what the authors' full NAG stream (image tokens recomputed) gives."""
+    model = tiny_model(kind)
+    arguments, negative = batch(kind, chunks, negative_tokens)
+    text_alone = guided(model, negative, arguments)
+    modulations = flux_blocks.NeoChromaModulations if kind == "neo-chroma" else flux_blocks.ChromaModulations
+    monkeypatch.setattr(modulations, "text_free", False)
+    full_stream = guided(model, negative, arguments)
+    record_difference(relative(text_alone, full_stream))
+    assert relative(text_alone, full_stream) <= 1e-6
+    assert relative(text_alone, model(**arguments)) > 1e-3
 
 
 # --- the pass: Forge's patcher, object patch and step window -----------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from ..attention import PositiveRows
-from ..joint_attention import QKV, Attend, double_stream_attention, single_stream_attention
+from ..joint_attention import QKV, Attend, double_stream_attention, single_stream_attention, single_stream_text_attention
 from ..params import NagParams
 
 Modulation = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # shift, scale, gate: [B, 1, D] each
@@ -125,15 +125,20 @@ def _single_block(
     txt_lengths: tuple[int, int],
     modulations: tuple[Modulation, Modulation],
     call: BlockCall,
+    text_alone: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``SingleStreamBlock`` on the batch and the NAG rows (``[text; image]`` tokens each): both
-    get the guided image attention output, each keeps its own MLP half and gate."""
+    """A ``SingleStreamBlock`` on the batch (``[text; image]`` tokens) and the NAG rows: both get the
+    guided image attention output, each keeps its own MLP half and gate. The NAG rows are
+    ``[text; image]`` too, or, when their modulation is their positive rows' (``text_alone``), their
+    text alone: their image tokens would be their positive rows', computed again."""
     (x, x_negative), (modulation, modulation_negative) = streams, modulations
     qkv, mlp = _single_inputs(block, x, modulation, call)
     qkv_negative, mlp_negative = _single_inputs(block, x_negative, modulation_negative, call)
-    out, out_negative = single_stream_attention(
-        qkv, qkv_negative, *txt_lengths, call.positive, call.pe, call.pe_negative, call.attend, call.params
-    )
+    nag = call.positive, call.pe, call.pe_negative, call.attend, call.params
+    if text_alone:
+        out, out_negative = single_stream_text_attention(qkv, qkv_negative, txt_lengths[0], True, *nag)
+    else:
+        out, out_negative = single_stream_attention(qkv, qkv_negative, *txt_lengths, *nag)
     return (
         call.fp16_fix(_single_output(block, x, out, mlp, modulation)),
         call.fp16_fix(_single_output(block, x_negative, out_negative, mlp_negative, modulation_negative)),
@@ -142,7 +147,9 @@ def _single_block(
 
 class Modulations(Protocol):
     """Per-block modulations of the batch and of the NAG rows; the image stream and the final layer
-    use the batch's only."""
+    use the batch's only. ``text_free``: the NAG rows' modulations are their positive rows'."""
+
+    text_free: bool
 
     def double(self, index: int, block: torch.nn.Module) -> tuple[DoubleModulations, DoubleModulations, DoubleModulations]: ...
 
@@ -174,6 +181,7 @@ class FluxModulations:
 
     vec: torch.Tensor
     vec_negative: torch.Tensor
+    text_free = False  # the NAG rows' vec carries the NAG negative's pooled vector
 
     def double(self, index: int, block: torch.nn.Module) -> tuple[DoubleModulations, DoubleModulations, DoubleModulations]:
         return _triples(block.img_mod(self.vec)), _triples(block.txt_mod(self.vec)), _triples(block.txt_mod(self.vec_negative))
@@ -192,6 +200,7 @@ class ChromaModulations:
 
     batch: dict[str, Any]
     negative: dict[str, Any]
+    text_free = True
 
     def double(self, index: int, block: torch.nn.Module) -> tuple[DoubleModulations, DoubleModulations, DoubleModulations]:
         img, txt = f"double_blocks.{index}.img_mod.lin", f"double_blocks.{index}.txt_mod.lin"
@@ -213,6 +222,7 @@ class NeoChromaModulations:
     model: torch.nn.Module
     batch: torch.Tensor
     negative: torch.Tensor
+    text_free = True
 
     def double(self, index: int, block: torch.nn.Module) -> tuple[DoubleModulations, DoubleModulations, DoubleModulations]:
         get = self.model.get_modulations
@@ -231,17 +241,19 @@ class NeoChromaModulations:
 def run_blocks(
     model: torch.nn.Module, img: torch.Tensor, txt: torch.Tensor, txt_negative: torch.Tensor, modulations: Modulations, call: BlockCall
 ) -> torch.Tensor:
-    """Both stacks and the final layer; the NAG rows' image stream starts the single stack as a copy
-    of their positive rows', and is dropped at the end with the NAG rows."""
+    """Both stacks and the final layer. The NAG rows' image stream starts the single stack as a copy of
+    their positive rows' (unless their modulation is their positive rows': then it would stay that copy,
+    and the NAG rows are their text alone), and is dropped at the end with the NAG rows."""
     streams = (img, txt, txt_negative)
     for index, block in enumerate(model.double_blocks):
         streams = _double_block(block, streams, modulations.double(index, block), call)
     img, txt, txt_negative = streams
     img = call.image_before_single_stack(img)
     txt_lengths = (txt.shape[1], txt_negative.shape[1])
-    pair = (torch.cat((txt, img), 1), torch.cat((txt_negative, call.positive.take(img)), 1))
+    text_alone = modulations.text_free
+    pair = (torch.cat((txt, img), 1), txt_negative if text_alone else torch.cat((txt_negative, call.positive.take(img)), 1))
     for index, block in enumerate(model.single_blocks):
-        pair = _single_block(block, pair, txt_lengths, modulations.single(index, block), call)
+        pair = _single_block(block, pair, txt_lengths, modulations.single(index, block), call, text_alone)
     return modulations.final(model, pair[0][:, txt_lengths[0] :, ...])
 
 
