@@ -71,9 +71,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E
 from lib_nag.attention import CrossAttentionNag, NegativeKV, PositiveRows, attention  # noqa: E402
 from lib_nag.guidance import nag_combine  # noqa: E402
 from lib_nag.models.flux import nag_forward as flux_nag_forward  # noqa: E402
-from lib_nag.models.mmdit import forge_rows  # noqa: E402
 from lib_nag.models.mmdit import nag_forward as mmdit_nag_forward  # noqa: E402
 from lib_nag.params import NagParams  # noqa: E402
+from lib_nag.webui.forge_patcher import forge_rows  # noqa: E402
 
 MIB = 2**20
 NAG_PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)

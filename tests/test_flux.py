@@ -216,7 +216,7 @@ def flux_pass(kind, negative, params=PARAMS):
     """A FluxPass whose job encodes ``negative`` (one row per image) for every step."""
     per_image = list(negative) if kind in CHROMAS else [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
     schedules = [[prompt_parser.ScheduledPromptConditioning(10, cond)] for cond in per_image]
-    job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda p, params, is_hires: schedules))
+    job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda *_arguments: schedules))
     return FluxPass(job, PassReport(is_hires=False))
 
 

@@ -42,7 +42,7 @@ def negative_schedules(width=768, tokens=154):
 
 def new_pass(params=PARAMS, is_hires=False, schedules=None):
     schedules = schedules or negative_schedules()
-    job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda p, params, is_hires: schedules))
+    job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda *_arguments: schedules))
     return ForgeUNetPass(job, PassReport(is_hires=is_hires))
 
 
@@ -238,7 +238,7 @@ def test_a_unet_that_already_carries_nag_gets_one_nag_patch(forge_pass):
 
 def test_refiner_switch_patches_the_new_model(forge_pass):
     refiner = forge_model(randomize_outputs(sd1_like_unet(context_dim=1280)))
-    forge_pass.job.negative.encode = lambda p, params, is_hires: negative_schedules(width=1280)
+    forge_pass.job.negative.encode = lambda p, params, is_hires, as_negative_prompt: negative_schedules(width=1280)
     shared.sd_model = refiner
     denoiser_step(forge_pass, 1)
     assert forge_pass.negative.shape[-1] == 1280

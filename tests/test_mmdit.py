@@ -17,8 +17,9 @@ from test_flux import EACH_LAYOUT, EACH_NEGATIVE_LENGTH, SIZES, assert_guided_as
 
 from lib_nag.attention import PositiveRows
 from lib_nag.hosts.forge import ForgeHost
-from lib_nag.models.mmdit import STOOD_ASIDE, ForgeMMDiTPass, forge_rows, is_mmdit, nag_forward
+from lib_nag.models.mmdit import STOOD_ASIDE, ForgeMMDiTPass, is_mmdit, nag_forward
 from lib_nag.params import NagParams
+from lib_nag.webui.forge_patcher import forge_rows
 from lib_nag.webui.report import JobReport, PassReport
 
 PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)

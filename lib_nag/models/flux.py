@@ -31,7 +31,7 @@ from ..attention import PositiveRows
 from ..params import NagParams
 from ..webui.conditioning import crossattn
 from ..webui.family import FORGE, ModelFamily
-from ..webui.forge_patcher import ForgeModelPass, positive_rows
+from ..webui.forge_patcher import ForgeModelPass, forge_rows
 from ..webui.passes import NAG_FORWARD, Forward, OnCall
 from .flux_blocks import BlockCall, Inputs, chroma_modulations, flux_modulations, run_blocks, scale_and_shift, unchanged
 
@@ -113,22 +113,14 @@ class _NagRunner:
         is_active: Callable[[dict], bool],
         on_guided: OnCall | None,
     ) -> None:
-        self.model, self.negative, self.params, self.is_active, self.on_guided = model, negative, params, is_active, on_guided
+        self.model, self.negative, self.params, self.on_guided = model, negative, params, on_guided
+        self.rows_of = forge_rows(is_active, on_guided)
         self.host = sys.modules[type(model.double_blocks[0]).__module__]  # attention, modulation, fp16_fix, embeddings
         self.is_chroma = hasattr(model, "distilled_guidance_layer")
 
-    def positive(self, n: torch.Tensor, context: torch.Tensor, options: dict) -> PositiveRows | None:
-        """The positive rows of a call NAG guides; ``None`` outside the window or without a cond chunk."""
-        if not self.is_active(options):
-            return None
-        placed, positive = positive_rows(n, context, options)
-        if not placed and self.on_guided is not None:
-            self.on_guided(False, "")
-        return positive
-
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Forge main's ``forward``: patches and ids as the host makes them, the blocks, unpatched."""
-        positive = self.positive(x, context, kwargs.get("transformer_options") or {})
+        positive = self.rows_of(x, context, kwargs)
         if positive is None:
             return type(self.model).forward(self.model, x, timestep, context, *args, **kwargs)
         img, img_ids = _patches(x)
@@ -146,7 +138,7 @@ class _NagRunner:
         call = inspect.signature(type(model).forward_orig).bind(model, *args, **kwargs)
         call.apply_defaults()
         named = call.arguments
-        positive = self.positive(named["img"], named["txt"], named["transformer_options"])
+        positive = self.rows_of(named["img"], named["txt"], named)
         if positive is not None and not _neo_runs_blocks_only(model, named):
             if self.on_guided is not None:
                 self.on_guided(False, STOOD_ASIDE)

@@ -35,13 +35,12 @@ from ..joint_attention import QKV, Attend, double_stream_attention
 from ..params import NagParams
 from ..webui.a1111_rows import DenoiserPlacement, diffusion_model
 from ..webui.family import A1111, FORGE, ModelFamily
-from ..webui.forge_patcher import ForgeModelPass, positive_rows
+from ..webui.forge_patcher import ForgeModelPass, RowsOf, forge_rows
 from ..webui.passes import NAG_FORWARD, Forward, Job, ModelPass, OnCall, foreign_method
 from ..webui.report import PassReport
 
 STOOD_ASIDE = "a ControlNet on the call, which NAG's own run of the blocks would leave out"
 
-RowsOf = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], PositiveRows | None]  # (x, context, other keyword arguments)
 HostAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]  # [B, L, H·Dh] in and out
 Streams = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]  # context, NAG context, image
 
@@ -192,23 +191,6 @@ def nag_forward(
 
     setattr(forward, NAG_FORWARD, True)
     return forward
-
-
-def forge_rows(is_active: Callable[[dict], bool], on_call: OnCall | None = None) -> RowsOf:
-    """Forge's positive rows: the cond chunks of ``transformer_options["cond_or_uncond"]`` (whole
-    copies of the batch too), while ``is_active(transformer_options)``; ``on_call`` is told of an
-    active call whose rows could not be placed."""
-
-    def rows_of(x: torch.Tensor, context: torch.Tensor, kwargs: dict[str, Any]) -> PositiveRows | None:
-        options = kwargs.get("transformer_options") or {}
-        if not is_active(options):
-            return None
-        placed, positive = positive_rows(x, context, options)
-        if not placed and on_call is not None:
-            on_call(False, "")
-        return positive
-
-    return rows_of
 
 
 def _no_rows(*_call: Any) -> None:

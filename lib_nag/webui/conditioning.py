@@ -36,7 +36,9 @@ class NegativeConditioning:
     def __init__(self) -> None:
         self._caches = {False: [None, None], True: [None, None]}
 
-    def encode(self, p: Any, params: NagParams, is_hires: bool) -> list:
+    def encode(self, p: Any, params: NagParams, is_hires: bool, as_negative_prompt: bool = False) -> list:
+        """Each image's prompt schedule of the NAG negative; ``as_negative_prompt`` marks it as the host
+        marks a negative prompt (engines that template negatives, or treat positives' reference images)."""
         from modules import prompt_parser
 
         texts = negative_texts(p, params, is_hires)
@@ -47,7 +49,7 @@ class NegativeConditioning:
             width, height, networks = p.hr_upscale_to_x, p.hr_upscale_to_y, p.hr_extra_network_data
         else:
             hires_steps, width, height, networks = None, p.width, p.height, p.extra_network_data
-        prompts = prompt_parser.SdConditioning(texts, width=width, height=height)
+        prompts = prompt_parser.SdConditioning(texts, is_negative_prompt=as_negative_prompt, width=width, height=height)
         cache = self._caches[is_hires]
         return p.get_conds_with_caching(prompt_parser.get_learned_conditioning, prompts, first_pass_steps, [cache], networks, hires_steps)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..attention import PositiveRows, repeats_with_period
-from .passes import Forward, Job, ModelPass, foreign_method
+from .passes import Forward, Job, ModelPass, OnCall, foreign_method
 from .report import PassReport
 
 COND = 0  # cond_or_uncond label of a positive chunk
@@ -62,6 +62,7 @@ def place(n: torch.Tensor, context: Any, extra_options: dict) -> tuple[bool, int
 
 
 Chunks = Callable[[list[int], int, torch.device], PositiveRows | None]
+RowsOf = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], PositiveRows | None]  # (x, context, other keyword arguments)
 
 
 def positive_rows(n: torch.Tensor, context: Any, extra_options: dict, chunks: Chunks = positive_chunks) -> tuple[bool, PositiveRows | None]:
@@ -72,6 +73,23 @@ def positive_rows(n: torch.Tensor, context: Any, extra_options: dict, chunks: Ch
     period = n.shape[0] // copies
     positive = chunks(extra_options["cond_or_uncond"], period, n.device)
     return True, positive.repeated(copies, period) if positive is not None and copies > 1 else positive
+
+
+def forge_rows(is_active: Callable[[dict], bool], on_call: OnCall | None = None) -> RowsOf:
+    """Forge's positive rows: the cond chunks of ``transformer_options["cond_or_uncond"]`` (whole
+    copies of the batch too), while ``is_active(transformer_options)``; ``on_call`` is told of an
+    active call whose rows could not be placed."""
+
+    def rows_of(x: torch.Tensor, context: torch.Tensor, kwargs: dict[str, Any]) -> PositiveRows | None:
+        options = kwargs.get("transformer_options") or {}
+        if not is_active(options):
+            return None
+        placed, positive = positive_rows(x, context, options)
+        if not placed and on_call is not None:
+            on_call(False, "")
+        return positive
+
+    return rows_of
 
 
 class ClonedPatcher:

@@ -42,7 +42,11 @@ def calls_per_step(denoiser: Any) -> int:
 class NagPass:
     """NAG on one sampling pass. A subclass makes the pass's guidance (``make_nag``: an object that
     holds ``negative`` and counts ``guided_calls`` and ``missed_calls``), hooks the model
-    (``hook``/``unhook``) and reads each denoiser call (``on_step``)."""
+    (``hook``/``unhook``) and reads each denoiser call (``on_step``). ``encodes_as_negative_prompt``: the
+    NAG negative is encoded as the host encodes a negative prompt (not for models whose host zeroes an
+    empty negative, which NAG encodes as text)."""
+
+    encodes_as_negative_prompt = False
 
     def __init__(self, job: Job, report: PassReport) -> None:
         from modules import script_callbacks, shared
@@ -59,7 +63,7 @@ class NagPass:
         self.hooked = False
         self.model = shared.sd_model
         self.checkpoint = checkpoint(self.model)
-        self.schedules = job.negative.encode(job.p, self.params, self.is_hires)
+        self.schedules = self.encode_negative()
         try:
             self.hooked = self.hook(self.model)
         except BaseException:
@@ -69,6 +73,9 @@ class NagPass:
 
     def make_nag(self) -> Any:
         raise NotImplementedError
+
+    def encode_negative(self) -> list:
+        return self.job.negative.encode(self.job.p, self.params, self.is_hires, self.encodes_as_negative_prompt)
 
     def negative_from(self, cond: Any) -> Any:
         """What the guidance needs of the NAG negative's conditioning (by default its context)."""
@@ -152,7 +159,7 @@ class NagPass:
         self.unhook()
         self.model = sd_model
         self.checkpoint = checkpoint(sd_model)
-        self.schedules = self.job.negative.encode(self.job.p, self.params, self.is_hires)
+        self.schedules = self.encode_negative()
         self.collect_counts()
         self.nag = self.make_nag()
         self.negative = self.negative_key = None
