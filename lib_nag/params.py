@@ -21,6 +21,7 @@ NUMBER_RANGES: dict[str, tuple[str, float, float]] = {
     "alpha": ("NAG alpha", 0.0, 1.0),
     "start": ("NAG start", 0.0, 1.0),
     "end": ("NAG end", 0.0, 1.0),
+    "sigma_end": ("NAG sigma end", 0.0, 20.0),
 }
 TEXT_LABELS = {
     "enabled": "NAG enabled",
@@ -28,8 +29,9 @@ TEXT_LABELS = {
     "hires_mode": "NAG hires",
 }
 
-# The order of the script's UI controls, which is also the documented API argument list.
-ARG_ORDER = ("enabled", "scale", "tau", "alpha", "start", "end", "negative_prompt", "hires_mode")
+# The order of the script's UI controls, which is also the documented API argument list. New
+# arguments go at the end, so that older lists keep their meaning.
+ARG_ORDER = ("enabled", "scale", "tau", "alpha", "start", "end", "negative_prompt", "hires_mode", "sigma_end")
 
 
 def label(name: str) -> str:
@@ -55,7 +57,8 @@ def _hires_mode(value: Any) -> str:
 @dataclass(frozen=True)
 class NagParams:
     """Validated NAG settings. ``scale`` follows the authors' code: 1 means no guidance and
-    the paper's φ is ``scale − 1``. ``start``/``end`` are fractions of the sampling steps.
+    the paper's φ is ``scale − 1``. ``start``/``end`` are fractions of the sampling steps;
+    ``sigma_end`` also ends guidance at the first step whose σ is below it (0: no σ limit).
     An empty ``negative_prompt`` means: use the main negative prompt."""
 
     enabled: bool = False
@@ -66,6 +69,7 @@ class NagParams:
     end: float = 1.0
     negative_prompt: str = ""
     hires_mode: str = HIRES_MODES[0]
+    sigma_end: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -148,13 +152,49 @@ def to_args(params: NagParams) -> list[Any]:
     return [getattr(params, name) for name in ARG_ORDER]
 
 
+# Written only when set, so that images made without them keep the infotext they always had.
+OPTIONAL_INFOTEXT = ("sigma_end",)
+
+
+def infotext_keys() -> set[str]:
+    """Every infotext key NAG may write."""
+    return {label(name) for name in ARG_ORDER[1:]}
+
+
 def to_infotext(params: NagParams) -> dict[str, Any]:
-    """Infotext entries for an image made with NAG: every field, so that pasting restores the
-    exact settings. Values are raw (the host quotes them when writing), except an empty NAG
-    negative prompt, written as ``""`` because the host's reader drops empty values."""
-    entries: dict[str, Any] = {label(name): getattr(params, name) for name in ARG_ORDER[1:]}
+    """Infotext entries for an image made with NAG: every field (the optional ones when they differ
+    from their default), so that pasting restores the exact settings. Values are raw (the host
+    quotes them when writing), except an empty NAG negative prompt, written as ``""`` because the
+    host's reader drops empty values."""
+    entries: dict[str, Any] = {
+        label(name): getattr(params, name)
+        for name in ARG_ORDER[1:]
+        if name not in OPTIONAL_INFOTEXT or getattr(params, name) != getattr(DEFAULTS, name)
+    }
     entries[label("negative_prompt")] = params.negative_prompt or '""'
     return entries
+
+
+def _pasted_optional(name: str) -> Any:
+    """The paste field of an optional infotext entry: its value, or its default when the pasted
+    parameters carry NAG without it; None (leave the control as it is) when they carry no NAG."""
+
+    def value(entries: Mapping[str, str]) -> Any:
+        if label("scale") not in entries:
+            return None
+        return entries.get(label(name), getattr(DEFAULTS, name))
+
+    return value
+
+
+# One object per field for every tab: "Send to" pairs the two tabs' fields by their keys.
+_PASTE_KEYS: dict[str, Any] = {name: _pasted_optional(name) for name in OPTIONAL_INFOTEXT}
+
+
+def paste_key(name: str) -> Any:
+    """What a control's paste field reads: its infotext key, or for an optional entry a function of the
+    pasted parameters."""
+    return _PASTE_KEYS.get(name, label(name))
 
 
 def from_infotext(entries: Mapping[str, str]) -> NagParams:
@@ -186,10 +226,13 @@ class Preset:
     alpha: float
     end: float
     source: str
+    sigma_end: float = 0.0
 
     def apply(self, params: NagParams) -> NagParams:
-        return replace(params, scale=self.scale, tau=self.tau, alpha=self.alpha, start=0.0, end=self.end)
+        return replace(params, scale=self.scale, tau=self.tau, alpha=self.alpha, start=0.0, end=self.end, sigma_end=self.sigma_end)
 
+
+WORKFLOWS = "the authors' ComfyUI-NAG workflows/ (ef8a641)"
 
 PRESETS: tuple[Preset, ...] = (
     Preset("Default", 5.0, 2.5, 0.25, 1.0, "ComfyUI-NAG node defaults (authors' ComfyUI code)"),
@@ -198,9 +241,9 @@ PRESETS: tuple[Preset, ...] = (
         5.0,
         2.5,
         0.38,
-        0.25,
-        "authors' SD1.5 workflow (20 steps, CFG 7): scale 5, tau 2.5, alpha 0.38, nag_sigma_end 4; "
-        "we convert sigma 4 to the first quarter of the steps",
+        1.0,
+        f"{WORKFLOWS} NAG-SD15 (20 steps, euler/simple, CFG 7): scale 5, tau 2.5, alpha 0.38, nag_sigma_end 4",
+        sigma_end=4.0,
     ),
     Preset(
         "SDXL, 20+ steps with CFG",
@@ -231,36 +274,56 @@ PRESETS: tuple[Preset, ...] = (
         5.0,
         2.5,
         0.25,
-        0.5,
-        "authors' Flux-Dev (25 steps) and Flux-Schnell (4 steps) workflows, euler/simple, CFG 1: scale 5, tau 2.5, alpha 0.25, "
-        "nag_sigma_end 0.75; with Forge's flow shift (1.15 dev, 1.0 schnell) sigma 0.75 falls after the first half of the steps "
-        "(13/25 dev, 2/4 schnell), so end 0.5",
+        1.0,
+        f"{WORKFLOWS} NAG-Flux-Dev (25 steps) and NAG-Flux-Schnell (4 steps), euler/simple, CFG 1: scale 5, tau 2.5, alpha 0.25, "
+        "nag_sigma_end 0.75",
+        sigma_end=0.75,
     ),
     Preset(
         "Flux Kontext",
         3.0,
         2.5,
         0.25,
-        0.5,
-        "authors' Flux-Kontext-Dev workflow (20 steps, CFG 1): scale 3, tau 2.5, alpha 0.25, nag_sigma_end 0.75 (end 0.5, as for Flux-dev)",
+        1.0,
+        f"{WORKFLOWS} NAG-Flux-Kontext-Dev (20 steps, euler/simple, CFG 1): scale 3, tau 2.5, alpha 0.25, nag_sigma_end 0.75",
+        sigma_end=0.75,
     ),
     Preset(
         "Chroma",
         5.0,
         2.5,
         0.25,
-        0.5,
-        "authors' Chroma workflow (30 steps, CFG 4): scale 5, tau 2.5, alpha 0.25, nag_sigma_end 0.75; "
-        "with Forge's shift 1.0 and the Simple scheduler sigma 0.75 falls after 15 of 30 steps, so end 0.5",
+        1.0,
+        f"{WORKFLOWS} NAG-Chroma (30 steps, euler/beta, CFG 4): scale 5, tau 2.5, alpha 0.25, nag_sigma_end 0.75",
+        sigma_end=0.75,
     ),
     Preset(
         "SD3.5 Turbo (CFG 1)",
         5.0,
         2.5,
         0.25,
-        0.6,
-        "authors' SD3.5-Large-Turbo workflow (8 steps, euler/simple, CFG 1): scale 5, tau 2.5, alpha 0.25, nag_sigma_end 0.75; "
-        "with SD3's flow shift 3, sigma stays at or above 0.75 for the first 5 of 8 steps, so end 0.6",
+        1.0,
+        f"{WORKFLOWS} NAG-SD3.5-Turbo (8 steps, euler/simple, CFG 1): scale 5, tau 2.5, alpha 0.25, nag_sigma_end 0.75",
+        sigma_end=0.75,
+    ),
+    Preset(
+        "Wan (CFG)",
+        6.0,
+        2.5,
+        0.25,
+        1.0,
+        f"{WORKFLOWS} NAG-Wan (Wan 2.1 T2V 1.3B, 20 steps, uni_pc/simple, shift 5, CFG 8): scale 6, tau 2.5, alpha 0.25, "
+        "nag_sigma_end 0",
+    ),
+    Preset(
+        "Wan fast (few steps, CFG 1)",
+        11.0,
+        3.5,
+        0.5,
+        1.0,
+        f"{WORKFLOWS} NAG-Wan-Fast (Wan 2.1 T2V 14B with the CausVid LoRA, 4 steps, uni_pc/simple, shift 5, CFG 1): "
+        "scale 11, tau 3.5, alpha 0.5, nag_sigma_end 0.75",
+        sigma_end=0.75,
     ),
     Preset(
         "Paper (SDXL)",

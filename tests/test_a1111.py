@@ -452,13 +452,13 @@ def test_infotext_pastes_back_and_no_nag_keys_turn_it_off(spy):
     from modules import infotext_utils
 
     script, _controls = built_ui(spy)
-    params = nag_params.NagParams(True, 7.5, 3.0, 0.125, 0.1, 0.6, 'glasses, "beard": x\nhat', "Hires pass only")
+    params = nag_params.NagParams(True, 7.5, 3.0, 0.125, 0.1, 0.6, 'glasses, "beard": x\nhat', "Hires pass only", 0.75)
     for made in (params, nag_params.NagParams(enabled=True)):
         line = ", ".join(f"{k}: {infotext_utils.quote(v)}" for k, v in nag_params.to_infotext(made).items())
         pasted = infotext_utils.paste_infotext(f"a cat\nNegative prompt: ugly\nSteps: 20, Sampler: Euler, {line}", script.infotext_fields)
         assert pasted == nag_params.to_args(made)
     no_nag = infotext_utils.paste_infotext("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7", script.infotext_fields)
-    assert no_nag == [False] + [None] * 7  # off; the rest left as they are
+    assert no_nag == [False] + [None] * (len(nag_params.ARG_ORDER) - 1)  # off; the rest left as they are
     assert script.paste_field_names == [name for _c, name in script.infotext_fields[1:]]  # "Send to" carries them
 
 
@@ -474,8 +474,8 @@ def test_ui_builds_the_accordion_in_argument_order(spy):
     for name, control in zip(nag_params.ARG_ORDER, controls, strict=True):
         if name in nag_params.NUMBER_RANGES:  # what /sdapi/v1/script-info reports
             assert (control.minimum, control.maximum) == nag_params.NUMBER_RANGES[name][1:]
-    assert controls[-1].choices and controls[0].elem_id == "script_txt2img_nag_enabled-checkbox"
-    assert ui.preset_values("SD1.x") == [5.0, 2.5, 0.38, 0.0, 0.25]
+    assert controls[nag_params.ARG_ORDER.index("hires_mode")].choices and controls[0].elem_id == "script_txt2img_nag_enabled-checkbox"
+    assert ui.preset_values("SD1.x") == [5.0, 2.5, 0.38, 0.0, 1.0, 4.0]
 
 
 def test_xyz_axes_are_registered_once_per_ui_build(spy):
@@ -630,3 +630,62 @@ def test_a_job_without_nag_leaves_the_hosts_infotext_dict_alone(spy):
     held = p.extra_generation_params
     run(p)
     assert p.extra_generation_params is held and "NAG-like key of another extension" in held
+
+
+# --- the σ end -----------------------------------------------------------------------------------
+
+
+def karras(steps):
+    """k-diffusion's Karras schedule (ρ 7) between the model's σ_min and σ_max, then 0."""
+    sigmas = ((1 - shared.sd_model.alphas_cumprod) / shared.sd_model.alphas_cumprod) ** 0.5
+    ramp = torch.linspace(0, 1, steps)
+    high, low = sigmas.max() ** (1 / 7), sigmas.min() ** (1 / 7)
+    return torch.cat([(high + ramp * (low - high)) ** 7, torch.zeros(1)])
+
+
+def step_sigmas(denoiser_calls):
+    """The σ of each sampler step from the callbacks' parameters (a DDIM "sigma" is a timestep)."""
+    alphas = shared.sd_model.alphas_cumprod.double()
+    sigmas = []
+    for params in denoiser_calls:
+        value = params.sigma[0]
+        if type(params.denoiser).__name__ == "CFGDenoiserTimesteps":
+            value = ((1 - alphas[int(value)]) / alphas[int(value)]).sqrt()
+        sigmas.append(float(value))
+    return sigmas
+
+
+SIGMA_SAMPLERS = {  # sampler, schedule (as a script's p.sampler_noise_scheduler_override sets it)
+    "Euler, uniform timesteps": ("Euler", None),
+    "Euler, Karras": ("Euler", karras),
+    "Heun (2 calls a step)": ("Heun", None),
+    "DDIM (timesteps)": ("DDIM", None),
+}
+
+
+@pytest.mark.parametrize("sampler,schedule", SIGMA_SAMPLERS.values(), ids=SIGMA_SAMPLERS.keys())
+def test_sigma_end_ends_nag_at_the_first_step_whose_sigma_is_below_it(spy, capsys, sampler, schedule):
+    calls = []
+    script_callbacks.on_cfg_denoiser(lambda params: calls.append(params))
+    p = job(spy, [*NAG_ON, 4.0], steps=8, sampler_name=sampler)
+    p.sampler_noise_scheduler_override = schedule
+    run(p)
+    per_step = 2 if sampler == "Heun" else 1
+    sigmas = step_sigmas(calls[::per_step])
+    guided = next(i for i, sigma in enumerate(sigmas) if sigma < 4.0)
+    assert 0 < guided < len(sigmas)  # the σ end falls inside the schedule
+    layers = len(unet.attn2_modules(shared.sd_model.model.diffusion_model))
+    assert len(spy.calls) == guided * per_step * layers  # every call of the guided steps, none after
+    out = capsys.readouterr().out
+    assert f"first pass {guided}/8 steps guided ({guided * per_step * layers} cross-attention calls; σ {sigmas[guided]:.4g} below " in out
+    assert f"NAG sigma end 4 from step {guided + 1})" in out
+
+
+def test_a_hires_pass_starting_below_the_sigma_end_is_not_guided_and_says_so(spy, capsys):
+    hires = {"enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 3, "denoising_strength": 0.3, "hr_upscaler": "Latent (nearest)"}
+    processed = run(job(spy, [*NAG_ON, 4.0], steps=4, **hires))
+    tokens = {shape[1] for _m, shape, *_ in spy.calls}
+    assert 256 not in tokens and 16 in tokens  # the first pass is guided, the hires pass (16×16 latents) is not
+    out = capsys.readouterr().out
+    assert "hires pass 0/" in out and "below NAG sigma end 4 from step 1" in out
+    assert "NAG sigma end: 4.0" in processed.infotexts[0]

@@ -62,10 +62,11 @@ def forge_pass():
     assert all_hooks_gone(unet)
 
 
-def denoiser_step(nag_pass, step, total=10):
-    """What Forge's CFGDenoiser hands the callback: un-expanded x, its p, step and total_steps."""
+def denoiser_step(nag_pass, step, total=10, sigma=1.0):
+    """What Forge's CFGDenoiser hands the callback: un-expanded x, σ per image, its p, step and total_steps."""
     denoiser = SimpleNamespace(p=nag_pass.job.p, step=step, total_steps=total, sampler=SimpleNamespace(config=None))
-    params = script_callbacks.CFGDenoiserParams(torch.randn(IMAGES, 4, 8, 8), None, torch.ones(IMAGES), step, total, None, None, denoiser)
+    sigmas = torch.full((IMAGES,), sigma)
+    params = script_callbacks.CFGDenoiserParams(torch.randn(IMAGES, 4, 8, 8), None, sigmas, step, total, None, None, denoiser)
     script_callbacks.cfg_denoiser_callback(params)
 
 
@@ -344,3 +345,38 @@ def test_a_pass_that_fails_to_hook_leaves_the_patcher_as_it_was(monkeypatch):
         new_pass()
     assert shared.sd_model.forge_objects.unet is original
     assert not script_callbacks.callback_map["callbacks_cfg_denoiser"]
+
+
+def flow_sigmas(steps, shift, scheduler):
+    """A flow model's σ per step in float32: Simple (uniform in t) or Karras (ρ 7 between the table's ends),
+    through the discrete-flow shift ``shift·t / (1 + (shift − 1)·t)``."""
+    shifted = lambda t: shift * t / (1 + (shift - 1) * t)  # noqa: E731
+    if scheduler == "simple":
+        return shifted(torch.linspace(1, 0, steps + 1)[:-1])
+    high, low = shifted(torch.tensor(1.0)) ** (1 / 7), shifted(torch.tensor(1e-3)) ** (1 / 7)
+    return (high + torch.linspace(0, 1, steps) * (low - high)) ** 7
+
+
+@pytest.mark.parametrize("scheduler", ["simple", "karras"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [4, 9])
+def test_sigma_end_ends_the_window_at_the_first_step_below_it(forge_pass, scheduler, shift, steps):
+    forge_pass.params = NagParams(enabled=True, sigma_end=0.75)
+    sigmas = flow_sigmas(steps, shift, scheduler).tolist()
+    active = []
+    for step, sigma in enumerate(sigmas):
+        denoiser_step(forge_pass, step, steps, sigma)
+        active.append(forge_pass.active)
+    first_below = next(i for i, sigma in enumerate(sigmas) if sigma < 0.75)
+    assert active == [i < first_below for i in range(steps)]
+    assert not forge_pass.hooked  # unhooked from the first step below the σ end
+    assert forge_pass.report.sigma_stop == f"σ {sigmas[first_below]:.4g} below NAG sigma end 0.75 from step {first_below + 1}"
+
+
+def test_a_sigma_equal_to_the_sigma_end_is_still_guided(forge_pass):
+    """Flux-schnell's Simple schedule at shift 1 has σ 0.75 exactly at its second of 4 steps; the authors'
+    ``>=`` guides it."""
+    forge_pass.params = NagParams(enabled=True, sigma_end=0.75)
+    for step, sigma in enumerate(flow_sigmas(4, 1.0, "simple").tolist()):
+        denoiser_step(forge_pass, step, 4, sigma)
+        assert forge_pass.active == (step < 2)

@@ -68,9 +68,9 @@ def test_nothing_and_none_everywhere_read_as_off():
     assert nag.from_dict({}) == DEFAULTS
 
 
-@pytest.mark.parametrize("position", range(1, 8))
+@pytest.mark.parametrize("position", range(1, 9))
 def test_a_missing_value_on_an_enabled_nag_takes_the_default(position):
-    args = [True, 7.0, 3.0, 0.5, 0.1, 0.9, "glasses", "First pass only"]
+    args = [True, 7.0, 3.0, 0.5, 0.1, 0.9, "glasses", "First pass only", 0.75]
     args[position] = None
     name = nag.ARG_ORDER[position]
     expected = NagParams(**{**dict(zip(nag.ARG_ORDER, args, strict=True)), name: getattr(DEFAULTS, name)})
@@ -111,18 +111,18 @@ def test_hires_mode_picks_passes(mode, first, hires):
     assert not NagParams(enabled=False, hires_mode=mode).guides_pass(False)
 
 
-SAMPLE = NagParams(True, 7.5, 3.0, 0.125, 0.1, 0.6, 'blurry, lowres: "bad"\nhands', HIRES_MODES[1])
+SAMPLE = NagParams(True, 7.5, 3.0, 0.125, 0.1, 0.6, 'blurry, lowres: "bad"\nhands', HIRES_MODES[1], 0.75)
 
 
 def test_argument_list_round_trip():
-    assert nag.to_args(SAMPLE) == [True, 7.5, 3.0, 0.125, 0.1, 0.6, 'blurry, lowres: "bad"\nhands', "First pass only"]
+    assert nag.to_args(SAMPLE) == [True, 7.5, 3.0, 0.125, 0.1, 0.6, 'blurry, lowres: "bad"\nhands', "First pass only", 0.75]
     assert nag.from_args(nag.to_args(SAMPLE)) == SAMPLE
     assert nag.from_args([True, 6]) == NagParams(enabled=True, scale=6.0)
     assert nag.from_args([]) == DEFAULTS
 
 
 def test_argument_list_too_long_is_rejected_when_enabled():
-    with pytest.raises(NagParamError, match="at most 8 arguments"):
+    with pytest.raises(NagParamError, match="at most 9 arguments"):
         nag.from_args([*nag.to_args(SAMPLE), "extra"])
     assert nag.from_args([False, *nag.to_args(SAMPLE)[1:], "extra"]) == DEFAULTS
 
@@ -163,10 +163,12 @@ def test_infotext_writes_every_field_and_round_trips_through_the_host_format():
         "NAG end": 0.6,
         "NAG negative prompt": 'blurry, lowres: "bad"\nhands',
         "NAG hires": "First pass only",
+        "NAG sigma end": 0.75,
     }
     assert nag.from_infotext(host_round_trip(entries)) == SAMPLE
     plain = NagParams(enabled=True)
     assert nag.to_infotext(plain)["NAG negative prompt"] == '""'  # the host's reader drops empty values
+    assert "NAG sigma end" not in nag.to_infotext(plain)  # unset: the infotext NAG wrote before it existed
     assert nag.from_infotext(host_round_trip(nag.to_infotext(plain))) == plain
     assert nag.from_infotext({"NAG scale": "5.0", "NAG tau": "2.5"}) == plain  # missing keys: defaults
 
@@ -188,9 +190,26 @@ def test_presets_are_valid_and_documented():
         assert family in nag.PRESETS_BY_NAME
     for preset in PRESETS:
         applied = preset.apply(SAMPLE)
-        numbers = (applied.scale, applied.tau, applied.alpha, applied.start, applied.end)
-        assert numbers == (preset.scale, preset.tau, preset.alpha, 0.0, preset.end)
+        numbers = (applied.scale, applied.tau, applied.alpha, applied.start, applied.end, applied.sigma_end)
+        assert numbers == (preset.scale, preset.tau, preset.alpha, 0.0, preset.end, preset.sigma_end)
         assert applied.negative_prompt == SAMPLE.negative_prompt
         assert len(preset.source) > 20
+    for flow in ("Flux-dev / Flux-schnell (CFG 1)", "Flux Kontext", "Chroma", "SD3.5 Turbo (CFG 1)", "Wan fast (few steps, CFG 1)"):
+        assert (nag.PRESETS_BY_NAME[flow].end, nag.PRESETS_BY_NAME[flow].sigma_end) == (1.0, 0.75)  # the authors' nag_sigma_end
+    assert nag.PRESETS_BY_NAME["SD1.x"].sigma_end == 4.0
     paper = nag.PRESETS_BY_NAME["Paper (SDXL)"]
     assert (paper.scale, paper.tau, paper.alpha) == (3.0, 2.5, 0.5)  # paper phi 2 is scale 3
+
+
+def test_argument_lists_and_infotexts_from_before_the_sigma_end_keep_their_meaning():
+    before = [True, 7.0, 3.0, 0.5, 0.1, 0.9, "glasses", "First pass only"]  # the 8 arguments NAG took before
+    assert nag.from_args(before) == NagParams(*before, sigma_end=0.0)
+    assert nag.from_args([True, *before[1:], 0.75]).sigma_end == 0.75
+    assert nag.from_args([{"enabled": True, "sigma_end": 4}]).sigma_end == 4.0
+    old_image = {"NAG scale": "7.0", "NAG tau": "3.0", "NAG end": "0.9"}
+    assert nag.from_infotext(old_image).sigma_end == 0.0
+    pasted = nag.paste_key("sigma_end")
+    assert pasted(old_image) == 0.0 and pasted({**old_image, "NAG sigma end": "0.75"}) == "0.75"
+    assert pasted({"Steps": "20"}) is None  # no NAG in the pasted parameters: the control stays as it is
+    with pytest.raises(NagParamError, match=r"NAG sigma end \(sigma_end\) must be a finite number from 0 to 20, got 25"):
+        nag.from_args([True, *before[1:], 25])

@@ -104,9 +104,9 @@ def test_arguments_shifted_by_another_scripts_request_read_as_nag_off(host, sele
     assert "[NAG] off: NAG enabled (enabled) is" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("position", range(1, 8))
+@pytest.mark.parametrize("position", range(1, 9))
 def test_an_enabled_nag_with_a_none_value_takes_that_fields_default(host, position):
-    args = [True, 7.0, 3.0, 0.5, 0.0, 0.5, "glasses", "First pass only"]
+    args = [True, 7.0, 3.0, 0.5, 0.0, 0.5, "glasses", "First pass only", 0.75]
     args[position] = None
     processed = run(api_job({"NAG": {"args": args}}))
     name = nag_params.ARG_ORDER[position]
@@ -207,7 +207,7 @@ def page_with_nag():
 def test_preset_dropdown_follows_the_numbers(host):
     page, controls, preset = page_with_nag()
     page.set(preset, "SD1.x")
-    assert [page.value(controls[n]) for n in ui.PRESET_FIELDS] == [5.0, 2.5, 0.38, 0.0, 0.25]
+    assert [page.value(controls[n]) for n in ui.PRESET_FIELDS] == [5.0, 2.5, 0.38, 0.0, 1.0, 4.0]
     page.set(controls["alpha"], 0.125)  # a paste, "Send to" or a slider moved
     assert page.value(preset) == ui.CUSTOM
     page.set(preset, "Paper (SDXL)")  # shares its numbers with the few-step preset: stays picked

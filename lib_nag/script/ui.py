@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..params import ARG_ORDER, DEFAULTS, HIRES_MODES, NUMBER_RANGES, PRESETS, PRESETS_BY_NAME, label
+from ..params import ARG_ORDER, DEFAULTS, HIRES_MODES, NUMBER_RANGES, PRESETS, PRESETS_BY_NAME, label, paste_key
 from ..webui.job import infotext_has_nag
 
 # Each step divides every preset's value, so a slider shows the preset exactly (0.125 needs 0.005).
-SLIDER_STEPS = {"scale": 0.1, "tau": 0.05, "alpha": 0.005, "start": 0.01, "end": 0.01}
-PRESET_FIELDS = ("scale", "tau", "alpha", "start", "end")
+SLIDER_STEPS = {"scale": 0.1, "tau": 0.05, "alpha": 0.005, "start": 0.01, "end": 0.01, "sigma_end": 0.01}
+PRESET_FIELDS = ("scale", "tau", "alpha", "start", "end", "sigma_end")
 CUSTOM = "Custom"  # the preset dropdown's name for numbers that match no preset
 
 
@@ -80,7 +80,7 @@ def build(script: Any) -> list[Any]:
             for name in ("scale", "tau", "alpha"):
                 controls[name] = slider(script, name)
         with gr.Row():
-            for name in ("start", "end"):
+            for name in ("start", "end", "sigma_end"):
                 controls[name] = slider(script, name)
         controls["hires_mode"] = gr.Radio(
             label=label("hires_mode"),
@@ -94,6 +94,6 @@ def build(script: Any) -> list[Any]:
         number.change(fn=preset_name, inputs=[preset, *numbers], outputs=[preset])
     # Values paste by their infotext keys (which "Send to" also matches); NAG is on only if the
     # pasted parameters carry it.
-    script.infotext_fields = [(controls["enabled"], infotext_has_nag)] + [(controls[n], label(n)) for n in ARG_ORDER[1:]]
-    script.paste_field_names = [label(name) for name in ARG_ORDER[1:]]
+    script.infotext_fields = [(controls["enabled"], infotext_has_nag)] + [(controls[n], paste_key(n)) for n in ARG_ORDER[1:]]
+    script.paste_field_names = [paste_key(name) for name in ARG_ORDER[1:]]
     return [controls[name] for name in ARG_ORDER]

@@ -15,6 +15,7 @@ AXES = (
     ("tau", "Tau"),
     ("alpha", "Alpha"),
     ("end", "End"),
+    ("sigma_end", "Sigma end"),
     ("negative_prompt", "Negative prompt"),
 )
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..attention import PositiveRows, repeats_with_period, row_offset
+from ..schedule import timestep_sigma
 from .conditioning import crossattn
 from .passes import Job, foreign_method
 from .report import PassReport
@@ -196,6 +197,15 @@ class DenoiserPlacement:
             handle.remove()
         self.inner_handles, self.inner_models = [], []
         self.layout = self.denoiser_call = self.unet_call = self.denoiser = None
+
+    def call_sigma(self, params: Any, denoiser: Any) -> float:
+        """The call's σ; A1111's timestep samplers (DDIM, PLMS, UniPC) hand a timestep instead."""
+        from modules import sd_samplers_timesteps
+
+        sigma = super().call_sigma(params, denoiser)
+        if isinstance(denoiser, sd_samplers_timesteps.CFGDenoiserTimesteps):
+            return timestep_sigma(denoiser.alphas, sigma)
+        return sigma
 
     def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
         image_of_row, weights = image_rows(denoiser, params.text_cond.shape[0])

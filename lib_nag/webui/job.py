@@ -29,7 +29,7 @@ def set_xyz_override(p: Any, name: str, value: Any) -> None:
 def write_infotext(p: Any, params: NagParams | None) -> None:
     """Put NAG's entries in the image parameters, or take them out. XYZ cells share one
     ``extra_generation_params`` dict, so a new dict is assigned."""
-    ours = set(nag_params.to_infotext(nag_params.DEFAULTS))
+    ours = nag_params.infotext_keys()
     if params is None and not ours & p.extra_generation_params.keys():
         return  # a job without NAG keeps the host's dict as it is
     kept = {k: v for k, v in p.extra_generation_params.items() if k not in ours}

@@ -13,7 +13,7 @@ import torch
 
 from ..attention import CrossAttentionNag, NegativeKV
 from ..params import NagParams
-from ..schedule import guided_steps, sampler_step
+from ..schedule import above_sigma_end, guided_steps, sampler_step
 from .conditioning import NegativeConditioning, crossattn, schedule_indices
 from .report import PassReport
 
@@ -59,6 +59,7 @@ class NagPass:
         self.negative: Any = None
         self.negative_key: tuple[int, ...] | None = None
         self.step: int | None = None  # the sampler step of the last denoiser call
+        self.below_sigma_end = False  # a step's σ fell below NAG sigma end: no more guidance in this pass
         self.guided_before_step = 0
         self.hooked = False
         self.model = shared.sd_model
@@ -132,15 +133,29 @@ class NagPass:
         step, steps = sampler_step(denoiser.step, denoiser.total_steps, calls_per_step(denoiser))
         window = guided_steps(steps, self.params.start, self.params.end)
         self.settle_step()
+        if step != self.step and step in window:  # a step's first call decides for the whole step
+            self.check_sigma(step, self.call_sigma(params, denoiser))
         self.step = step
         self.report.steps, self.report.window = steps, len(window)
-        active = self.hooked and step in window
+        active = self.hooked and step in window and not self.below_sigma_end
         if active:
             self.set_negative(denoiser.step)
-        elif self.hooked and step >= window.stop:
+        elif self.hooked and (step >= window.stop or self.below_sigma_end):
             self.unhook()  # past the end step: the host's own attention runs untouched
             self.hooked = False
         self.on_step(params, denoiser, active)
+
+    def call_sigma(self, params: Any, denoiser: Any) -> float:
+        """The σ of a denoiser call: one per image, the same for all (A1111 repeats it per row)."""
+        sigma = params.sigma
+        return float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+
+    def check_sigma(self, step: int, sigma: float) -> None:
+        """End guidance for the rest of the pass at the first step whose σ is below NAG sigma end."""
+        if self.below_sigma_end or above_sigma_end(sigma, self.params.sigma_end):
+            return
+        self.below_sigma_end = True
+        self.report.sigma_stop = f"σ {sigma:.4g} below NAG sigma end {self.params.sigma_end:g} from step {step + 1}"
 
     def set_negative(self, denoiser_step: int) -> None:
         from modules import prompt_parser

@@ -28,11 +28,16 @@ class PassReport:
     hooked: str = ""
     unit: str = "cross-attention calls"
     skipped: str = ""
+    sigma_stop: str = ""  # where NAG sigma end ended guidance in this pass
     why_unplaced: set[str] = field(default_factory=set)
 
     @property
     def name(self) -> str:
         return "hires pass" if self.is_hires else "first pass"
+
+    def summary(self) -> str:
+        calls = "; ".join(filter(None, (f"{self.guided_calls} {self.unit}", self.sigma_stop)))
+        return f"{self.name} {len(self.guided)}/{self.steps} steps guided ({calls})"
 
     def count_call(self, placed: bool, positive: bool, why: str = "") -> None:
         """Count a call inside the window; ``why`` a call was not placed, if not for the rows."""
@@ -66,7 +71,7 @@ class JobReport:
             return f"{CONSOLE_PREFIX} skipped: {'; '.join(reasons)}"
         if not self.guided_calls():
             return f"{CONSOLE_PREFIX} not applied on {self.model}: {self.not_applied_reason(ran)}"
-        parts = [f"{p.name} {len(p.guided)}/{p.steps} steps guided ({p.guided_calls} {p.unit})" for p in ran]
+        parts = [p.summary() for p in ran]
         hooked = ran[-1].hooked or f"{max(p.layers for p in ran)} cross-attention layers hooked"
         line = f"{CONSOLE_PREFIX} active on {self.model}: {', '.join(parts)}, {hooked}"
         unplaced = sum(p.unplaced for p in ran)
@@ -81,6 +86,8 @@ class JobReport:
             return f"{placed} of {placed + unplaced} {ran[-1].unit} could be placed in the CFG batch ({why_unplaced(ran)})"
         if not any(p.window for p in ran):
             return "no sampling step fell inside the NAG start/end window"
+        if not any(p.guided for p in ran) and all(p.sigma_stop for p in ran):
+            return "no sampling step inside the window had σ at or above NAG sigma end (" + "; ".join(p.sigma_stop for p in ran) + ")"
         if not any(p.calls for p in ran):
             return "no hooked cross-attention layer ran (a UNet replacement such as TensorRT bypasses them)"
         return "no cross-attention call carried a positive prompt"

@@ -17,6 +17,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "s_tmax": 0.0,
     "s_noise": 1.0,
     "eta_ancestral": 1.0,
+    "eta_ddim": 0.0,
+    "always_discard_next_to_last_sigma": False,
     "persistent_cond_cache": True,
     "use_old_scheduling": False,
     "CLIP_stop_at_last_layers": 1,
