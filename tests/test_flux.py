@@ -302,20 +302,21 @@ def test_a_forge_main_structure_with_reference_latents_is_named_not_run():
         assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), sd_model) is None
 
 
-@pytest.mark.parametrize("ending", ["finished", "interrupted", "raised"])
-def test_nothing_is_left_after_any_flux_job(ending):
-    """A job's ``p.sample`` guard ends the pass whatever happens inside sampling: the pass's patcher
-    goes, Forge unpatches the model, no callback stays registered."""
+ENDINGS = pytest.mark.parametrize("ending", ["finished", "interrupted", "raised"])
+
+
+def run_a_job_to_its_end(sd_model, pass_class, schedules, arguments, ending):
+    """One job with NAG on ``sd_model`` (Forge's patcher over a whole-model family), ``finished``,
+    ``interrupted`` or ``raised`` in its second step, then checks that the job's ``p.sample`` guard left
+    nothing: the pass's patcher gone, the model unpatched, no callback registered, the infotext only if
+    sampling returned."""
     from lib_nag.webui.job import NagHost, NagJob
 
-    shared.sd_model = flux_sd_model("flux")
-    original = shared.sd_model.forge_objects.unet
+    shared.sd_model = sd_model
+    original = sd_model.forge_objects.unet
     model = original.model.diffusion_model
-    arguments, negative = batch("flux", [0])
-    per_image = [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
     host = ForgeHost.__new__(ForgeHost)
     NagHost.__init__(host)
-    schedules = [[prompt_parser.ScheduledPromptConditioning(10, c)] for c in per_image]
     host.negative = SimpleNamespace(encode=lambda *args: schedules, forget=lambda: None)
     seen = []
 
@@ -337,7 +338,7 @@ def test_nothing_is_left_after_any_flux_job(ending):
     p = SimpleNamespace(sample=sample, is_hr_pass=False, extra_generation_params={})
     job = NagJob(host, p, NagParams(enabled=True))
     job.start_pass()
-    assert isinstance(job.pass_, FluxPass)
+    assert isinstance(job.pass_, pass_class)
     if ending == "raised":
         with pytest.raises(RuntimeError, match="out of memory"):
             p.sample()
@@ -348,6 +349,14 @@ def test_nothing_is_left_after_any_flux_job(ending):
     assert not script_callbacks.callback_map["callbacks_cfg_denoiser"]
     assert torch.equal(model(**arguments), type(model).forward(model, **arguments))  # the model's own forward again
     assert ("NAG scale" in p.extra_generation_params) == (ending != "raised")
+
+
+@ENDINGS
+def test_nothing_is_left_after_any_flux_job(ending):
+    arguments, negative = batch("flux", [0])
+    per_image = [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
+    schedules = [[prompt_parser.ScheduledPromptConditioning(10, c)] for c in per_image]
+    run_a_job_to_its_end(flux_sd_model("flux"), FluxPass, schedules, arguments, ending)
 
 
 def test_nags_forward_left_on_a_loaded_model_is_inert_and_keeps_no_pass_alive():
