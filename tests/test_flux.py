@@ -302,20 +302,16 @@ def test_a_forge_main_structure_with_reference_latents_is_named_not_run():
         assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), sd_model) is None
 
 
-@pytest.mark.parametrize("ending", ["finished", "interrupted", "raised"])
-def test_nothing_is_left_after_any_flux_job(ending):
-    """A job's ``p.sample`` guard ends the pass whatever happens inside sampling: the pass's patcher
-    goes, Forge unpatches the model, no callback stays registered."""
+def run_a_job(ending, schedules, call_model, pass_class):
+    """A NAG job on ``shared.sd_model``, whose NAG negative encodes to ``schedules``, sampling 3 steps of
+    ``call_model()`` that finish, or are interrupted or raise after step 1 (``ending``). A job's
+    ``p.sample`` guard ends the pass whatever happens inside sampling: the pass's patcher goes, Forge
+    unpatches the model, no callback stays registered; the images carry NAG's infotext unless it raised."""
     from lib_nag.webui.job import NagHost, NagJob
 
-    shared.sd_model = flux_sd_model("flux")
     original = shared.sd_model.forge_objects.unet
-    model = original.model.diffusion_model
-    arguments, negative = batch("flux", [0])
-    per_image = [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
     host = ForgeHost.__new__(ForgeHost)
     NagHost.__init__(host)
-    schedules = [[prompt_parser.ScheduledPromptConditioning(10, c)] for c in per_image]
     host.negative = SimpleNamespace(encode=lambda *args: schedules, forget=lambda: None)
     seen = []
 
@@ -325,7 +321,7 @@ def test_nothing_is_left_after_any_flux_job(ending):
         try:
             for step in range(3):
                 denoiser_step(job.pass_, step, total=3)
-                seen.append(model(**arguments))
+                seen.append(call_model())
                 if step == 1 and ending != "finished":
                     if ending == "raised":
                         raise RuntimeError("out of memory")
@@ -337,7 +333,7 @@ def test_nothing_is_left_after_any_flux_job(ending):
     p = SimpleNamespace(sample=sample, is_hr_pass=False, extra_generation_params={})
     job = NagJob(host, p, NagParams(enabled=True))
     job.start_pass()
-    assert isinstance(job.pass_, FluxPass)
+    assert isinstance(job.pass_, pass_class)
     if ending == "raised":
         with pytest.raises(RuntimeError, match="out of memory"):
             p.sample()
@@ -346,8 +342,18 @@ def test_nothing_is_left_after_any_flux_job(ending):
         job.end()
     assert shared.sd_model.forge_objects.unet is original and host.live is None
     assert not script_callbacks.callback_map["callbacks_cfg_denoiser"]
-    assert torch.equal(model(**arguments), type(model).forward(model, **arguments))  # the model's own forward again
     assert ("NAG scale" in p.extra_generation_params) == (ending != "raised")
+
+
+@pytest.mark.parametrize("ending", ["finished", "interrupted", "raised"])
+def test_nothing_is_left_after_any_flux_job(ending):
+    shared.sd_model = flux_sd_model("flux")
+    model = shared.sd_model.forge_objects.unet.model.diffusion_model
+    arguments, negative = batch("flux", [0])
+    per_image = [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
+    schedules = [[prompt_parser.ScheduledPromptConditioning(10, c)] for c in per_image]
+    run_a_job(ending, schedules, lambda: model(**arguments), FluxPass)
+    assert torch.equal(model(**arguments), type(model).forward(model, **arguments))  # the model's own forward again
 
 
 def test_nags_forward_left_on_a_loaded_model_is_inert_and_keeps_no_pass_alive():
