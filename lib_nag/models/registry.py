@@ -2,6 +2,12 @@
 recognisers first, the UNet (any model with cross-attention layers) last."""
 
 from ..webui.family import ModelFamily
-from . import flux, mmdit, qwen, unet
+from . import flux, mmdit, nextdit, qwen, unet
 
-FAMILIES: tuple[ModelFamily, ...] = (mmdit.FAMILY, flux.FAMILY, qwen.FAMILY, unet.FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (
+    mmdit.FAMILY,
+    flux.FAMILY,
+    qwen.FAMILY,
+    nextdit.FAMILY,
+    unet.FAMILY,
+)
