@@ -207,9 +207,13 @@ def sample_in_and_after_the_window(nag_pass, patcher, call, guided_call, stock):
         patcher.forge_unpatch_model()
 
 
+def sd_model_of(model):
+    """What Forge's sd_model holds for a checkpoint of ``model``: the patcher over a KModel."""
+    return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=model))))
+
+
 def flux_sd_model(kind):
-    """What Forge's sd_model holds for a Flux or Chroma checkpoint: the patcher over a KModel."""
-    return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=tiny_model(kind)))))
+    return sd_model_of(tiny_model(kind))
 
 
 def flux_pass(kind, negative, params=PARAMS):

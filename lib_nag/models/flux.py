@@ -259,7 +259,14 @@ def is_flux_family(model: Any) -> bool:
 
 
 class FluxPass(ForgeModelPass):
-    """NAG on a Flux or Chroma model for one sampling pass (``nag_forward`` as the object patch)."""
+    """NAG on a Flux or Chroma model for one sampling pass (``nag_forward`` as the object patch).
+
+    The NAG negative is encoded as a negative prompt: Neo's Flux engine, encoding a positive one, sets
+    the Kontext references again (``dynamic_args.ref_latents``) from its stored references and its init
+    image latent, which the host's own prompt has already consumed, so the img2img image would drop out
+    of the references. Forge main's Flux and Chroma engines and Neo's Chroma engine do not read the flag."""
+
+    encodes_as_negative_prompt = True
 
     def entry_point(self, model: torch.nn.Module) -> str:
         return entry_point(model)
