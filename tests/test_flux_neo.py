@@ -111,15 +111,6 @@ def test_a_call_with_what_only_the_host_runs_gets_the_hosts_forward_orig(kind, e
     assert calls == [(False, STOOD_ASIDE)]  # counted, and the console says why
 
 
-def test_neo_flux2_variants_are_named_not_run():
-    sd_model = flux_sd_model("neo")
-    host = ForgeHost.__new__(ForgeHost)
-    assert host.pass_for(sd_model) is FluxPass
-    sd_model.forge_objects.unet.model.diffusion_model.global_modulation = True  # Flux.2's shared modulation
-    assert host.pass_for(sd_model) is None
-    assert "IntegratedFluxTransformer2DModel is another one" in host.unsupported_reason(sd_model)
-
-
 @pytest.mark.parametrize("skipped", ["skip_mmdit", "skip_dit"])
 def test_neo_chroma_with_skipped_blocks_is_named_not_run(skipped):
     sd_model = flux_sd_model("neo-chroma")
