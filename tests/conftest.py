@@ -25,6 +25,18 @@ def record_difference(request):
     return record
 
 
+@pytest.fixture
+def neo_dynamic_args():
+    """Forge Neo's process-global ``dynamic_args`` (its stand-in, tests/forge/backend/args.py), set back
+    as they were after the test."""
+    from backend.args import dynamic_args
+
+    before = dict(dynamic_args)
+    yield dynamic_args
+    dynamic_args.clear()
+    dynamic_args.update(before)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

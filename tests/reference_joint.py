@@ -85,9 +85,8 @@ def nag_single(block, x, mod, pe, pe_negative, txt_length, bn, pads, nag):
     """NAGSingleStreamBlock.forward (the ``txt_length`` path): the guided image output goes into both
     the positive and the NAG rows; each keeps its own MLP half and gate."""
     context_pad, nag_pad = pads
-    qkv, mlp = torch.split(
-        block.linear1((1 + mod.scale) * block.pre_norm(x) + mod.shift), [3 * block.hidden_size, block.mlp_hidden_dim], -1
-    )
+    mlp_width = getattr(block, "mlp_hidden_dim_first", block.mlp_hidden_dim)  # twice linear2's for a gated MLP (Flux.2)
+    qkv, mlp = torch.split(block.linear1((1 + mod.scale) * block.pre_norm(x) + mod.shift), [3 * block.hidden_size, mlp_width], -1)
     q, k, v = split_qkv(qkv, block.num_heads)
     q, k = block.norm(q, k, v)
     attn = rope_attention(q[:-bn, :, context_pad:], k[:-bn, :, context_pad:], v[:-bn, :, context_pad:], pe)

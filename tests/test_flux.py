@@ -20,7 +20,7 @@ from unets import randomize_outputs, sd1_like_unet
 
 from lib_nag.hosts.forge import ForgeHost
 from lib_nag.models import flux_blocks
-from lib_nag.models.flux import FluxPass, entry_point, nag_forward
+from lib_nag.models.flux import FluxPass, entry_point, flux1_or_chroma, nag_forward
 from lib_nag.models.unet import ForgeUNetPass
 from lib_nag.params import NagParams
 from lib_nag.webui.report import JobReport, PassReport
@@ -71,12 +71,12 @@ def batch(kind, chunks, negative_tokens=5):
     }
 
 
-def guided(model, negative, arguments, params=PARAMS, is_active=lambda options: True, calls=None):
+def guided(model, negative, arguments, params=PARAMS, is_active=lambda options: True, calls=None, modulations_of=flux1_or_chroma):
     """The model called with NAG's replacement of its entry point in place (what was there set back)."""
     name = entry_point(model)
     before = vars(model).get(name)
     on_call = None if calls is None else lambda guided, why: calls.append((guided, why))
-    setattr(model, name, nag_forward(model, lambda: negative, params, is_active, on_call))
+    setattr(model, name, nag_forward(model, lambda: negative, params, is_active, on_call, modulations_of))
     try:
         return model(**arguments)
     finally:
@@ -85,16 +85,26 @@ def guided(model, negative, arguments, params=PARAMS, is_active=lambda options: 
             setattr(model, name, before)
 
 
+def cond_rows(chunks):
+    """The rows of the cond chunks of a call with ``chunks`` (cond_or_uncond) of IMAGES rows each."""
+    return [c * IMAGES + j for c, label in enumerate(chunks) if label == 0 for j in range(IMAGES)]
+
+
+def comfy_order(arguments):
+    """The call's rows reordered so that the cond chunks come last (ComfyUI's layout, the references'),
+    and the image of each of those cond rows."""
+    cond = cond_rows(arguments["transformer_options"]["cond_or_uncond"])
+    order = [r for r in range(len(arguments["x"])) if r not in cond] + cond
+    return order, [r % IMAGES for r in cond]
+
+
 def reference(model, kind, arguments, negative, refs=()):
-    """The reference on the call's rows reordered so that the cond chunks come last (ComfyUI's layout);
-    on Neo with its timestep /1000 and the Kontext references ``refs``."""
-    chunks = arguments["transformer_options"]["cond_or_uncond"]
-    cond = [c * IMAGES + j for c, label in enumerate(chunks) if label == 0 for j in range(IMAGES)]
-    order = [r for r in range(IMAGES * len(chunks)) if r not in cond] + cond
+    """The reference on the call's rows in ComfyUI's order (put back afterwards); on Neo with its
+    timestep /1000 and the Kontext references ``refs``."""
+    order, images = comfy_order(arguments)
     rows = {name: arguments[name][order] for name in ("x", "timestep", "context")}
     rows["timestep"] = rows["timestep"] / (1000 if kind == "neo" else 1)
     rows["refs"] = [ref[order] for ref in refs]
-    images = [r % IMAGES for r in cond]
     if kind in CHROMAS:
         out = reference_joint(model, **rows, nag_context=negative[images], nag=NAG)
     else:
@@ -135,8 +145,7 @@ def test_matches_the_authors_formulation_and_leaves_uncond_rows_alone(kind, chun
     out = guided(model, negative, arguments, calls=calls)
     stock = model(**arguments)
 
-    cond = [c * IMAGES + j for c, label in enumerate(chunks) if label == 0 for j in range(IMAGES)]
-    assert_guided_as_expected(out, stock, reference(model, kind, arguments, negative), cond, record_difference)
+    assert_guided_as_expected(out, stock, reference(model, kind, arguments, negative), cond_rows(chunks), record_difference)
     assert calls == [(True, "")]
 
 
@@ -207,17 +216,26 @@ def sample_in_and_after_the_window(nag_pass, patcher, call, guided_call, stock):
         patcher.forge_unpatch_model()
 
 
+def sd_model_of(model):
+    """What Forge's sd_model holds for a checkpoint of ``model``: the patcher over a KModel."""
+    return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=model))))
+
+
 def flux_sd_model(kind):
-    """What Forge's sd_model holds for a Flux or Chroma checkpoint: the patcher over a KModel."""
-    return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=tiny_model(kind)))))
+    return sd_model_of(tiny_model(kind))
 
 
-def flux_pass(kind, negative, params=PARAMS):
-    """A FluxPass whose job encodes ``negative`` (one row per image) for every step."""
-    per_image = list(negative) if kind in CHROMAS else [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
-    schedules = [[prompt_parser.ScheduledPromptConditioning(10, cond)] for cond in per_image]
+def per_image_schedules(negative):
+    """One prompt schedule per image for the whole pass: the rows of ``negative`` (a tensor, or a dict of them)."""
+    per_image = [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)] if isinstance(negative, dict) else list(negative)
+    return [[prompt_parser.ScheduledPromptConditioning(10, cond)] for cond in per_image]
+
+
+def flux_pass(negative, params=PARAMS, pass_class=FluxPass):
+    """A FluxPass (or ``pass_class``) whose job encodes ``negative`` (one row per image) for every step."""
+    schedules = per_image_schedules(negative)
     job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda *_arguments: schedules))
-    return FluxPass(job, PassReport(is_hires=False))
+    return pass_class(job, PassReport(is_hires=False))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -228,7 +246,7 @@ def test_the_pass_patches_a_clone_and_guides_inside_the_window(kind):
     arguments, negative = batch(kind, [1, 0])
     stock = model(**arguments)
     assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), shared.sd_model) is FluxPass
-    nag_pass = flux_pass(kind, negative, NagParams(enabled=True, end=0.5))
+    nag_pass = flux_pass(negative, NagParams(enabled=True, end=0.5))
     patcher = shared.sd_model.forge_objects.unet
     assert patcher is not original and not original.object_patches and entry_point(model) not in vars(model)
     first = sample_in_and_after_the_window(nag_pass, patcher, lambda: model(**arguments), lambda: guided(model, negative, arguments), stock)
@@ -237,9 +255,9 @@ def test_the_pass_patches_a_clone_and_guides_inside_the_window(kind):
     assert nag_pass.report.guided == {0} and nag_pass.report.guided_calls == 1
     line = JobReport(model="Flux", passes={False: nag_pass.report}).line()
     assert line == "[NAG] active on Flux: first pass 1/10 steps guided (1 model calls), 2 double + 2 single blocks"
-    again = flux_pass(kind, negative)  # Forge's unpatch left the model's own bound forward on it
+    again = flux_pass(negative)  # Forge's unpatch left the model's own bound forward on it
     assert again.hooked
-    hires = flux_pass(kind, negative)  # a second pass on a patcher that already carries NAG's patch
+    hires = flux_pass(negative)  # a second pass on a patcher that already carries NAG's patch
     assert hires.hooked
     hires.close()
     again.close()
@@ -249,7 +267,7 @@ def test_the_pass_stands_aside_when_another_extension_replaced_the_forward():
     shared.sd_model = flux_sd_model("flux")
     shared.sd_model.forge_objects.unet.add_object_patch("diffusion_model.forward", lambda *args, **kwargs: None)
     _arguments, negative = batch("flux", [0])
-    nag_pass = flux_pass("flux", negative)
+    nag_pass = flux_pass(negative)
     assert not nag_pass.hooked
     assert nag_pass.report.skipped == "another extension replaces the IntegratedFluxTransformer2DModel forward, which NAG would have to run"
     nag_pass.close()
@@ -259,7 +277,7 @@ def test_rows_that_cannot_be_placed_are_counted(capsys):
     shared.sd_model = flux_sd_model("flux")
     arguments, negative = batch("flux", [1, 0])
     arguments["transformer_options"]["sigmas"] = torch.rand(3)  # rows that are not chunks × images
-    nag_pass = flux_pass("flux", negative)
+    nag_pass = flux_pass(negative)
     patcher = shared.sd_model.forge_objects.unet
     patcher.forge_patch_model()
     try:
@@ -338,7 +356,7 @@ def run_a_job_to_its_end(sd_model, pass_class, schedules, arguments, ending):
     p = SimpleNamespace(sample=sample, is_hr_pass=False, extra_generation_params={})
     job = NagJob(host, p, NagParams(enabled=True))
     job.start_pass()
-    assert isinstance(job.pass_, pass_class)
+    assert type(job.pass_) is pass_class
     if ending == "raised":
         with pytest.raises(RuntimeError, match="out of memory"):
             p.sample()
@@ -354,16 +372,14 @@ def run_a_job_to_its_end(sd_model, pass_class, schedules, arguments, ending):
 @ENDINGS
 def test_nothing_is_left_after_any_flux_job(ending):
     arguments, negative = batch("flux", [0])
-    per_image = [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
-    schedules = [[prompt_parser.ScheduledPromptConditioning(10, c)] for c in per_image]
-    run_a_job_to_its_end(flux_sd_model("flux"), FluxPass, schedules, arguments, ending)
+    run_a_job_to_its_end(flux_sd_model("flux"), FluxPass, per_image_schedules(negative), arguments, ending)
 
 
 def test_nags_forward_left_on_a_loaded_model_is_inert_and_keeps_no_pass_alive():
     """Forge unpatches only when it loads another patcher: until then NAG's forward stays on the model."""
     shared.sd_model = flux_sd_model("flux")
     arguments, negative = batch("flux", [0])
-    nag_pass = flux_pass("flux", negative)
+    nag_pass = flux_pass(negative)
     patcher = shared.sd_model.forge_objects.unet
     model = patcher.model.diffusion_model
     patcher.forge_patch_model()

@@ -3,16 +3,24 @@ references' tokens are image-stream tokens, as in the authors' NAGFlux (guided, 
 the NAG rows), and Neo's forward drops them at the end (``out[:, :img_tokens]``), not NAG. The issue
 text says "never guided, never dropped"; the authors' code guides them, and this follows the code.
 Neo's Flux.1 and Chroma (tests/forge/backend/nn/chroma_neo.py) leave to the host the calls NAG's run
-of the blocks would change, and Neo's model variants that NAG does not run are named."""
+of the blocks would change, and Neo's model variants that NAG does not run are named. NAG encodes its
+negative as a negative prompt, so Neo's Flux engine (tests/forge/backend/diffusion_engine/flux_neo.py)
+keeps the Kontext references the host's prompt set."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from backend.args import dynamic_args
-from test_flux import IMAGES, PARAMS, batch, flux_sd_model, guided, reference, relative, tiny_model
+from backend.diffusion_engine.flux_neo import Flux
+from modules import processing, prompt_parser, shared
+from test_flux import IMAGES, PARAMS, POOLED, T5, batch, flux_sd_model, guided, reference, relative, sd_model_of, tiny_model
 
 from lib_nag.hosts.forge import ForgeHost
 from lib_nag.models.flux import STOOD_ASIDE, FluxPass, nag_forward
 from lib_nag.params import NagParams
+from lib_nag.webui.conditioning import NegativeConditioning
+from lib_nag.webui.report import PassReport
 
 REFERENCES = {"one reference": [(4, 6)], "two references": [(6, 4), (3, 5)]}  # latent sizes: the second is offset
 
@@ -103,15 +111,6 @@ def test_a_call_with_what_only_the_host_runs_gets_the_hosts_forward_orig(kind, e
     assert calls == [(False, STOOD_ASIDE)]  # counted, and the console says why
 
 
-def test_neo_flux2_variants_are_named_not_run():
-    sd_model = flux_sd_model("neo")
-    host = ForgeHost.__new__(ForgeHost)
-    assert host.pass_for(sd_model) is FluxPass
-    sd_model.forge_objects.unet.model.diffusion_model.global_modulation = True  # Flux.2's shared modulation
-    assert host.pass_for(sd_model) is None
-    assert "IntegratedFluxTransformer2DModel is another one" in host.unsupported_reason(sd_model)
-
-
 @pytest.mark.parametrize("skipped", ["skip_mmdit", "skip_dit"])
 def test_neo_chroma_with_skipped_blocks_is_named_not_run(skipped):
     sd_model = flux_sd_model("neo-chroma")
@@ -128,3 +127,33 @@ def test_a_neo_build_without_the_flux2_attributes_is_still_recognised():
     for block in sd_model.forge_objects.unet.model.diffusion_model.double_blocks:
         del block.flipped_img_txt
     assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), sd_model) is FluxPass
+
+
+def check_the_nag_negative_keeps_the_references(pass_class, model, engine, references):
+    """A ``pass_class`` pass on ``model``, whose prompts ``engine`` encodes, started as in Neo: the host
+    encodes the job's prompts before sampling (``setup_conds``: the positive one consumes the img2img
+    latent), NAG its negative when its pass starts, through the host's prompt pipeline. The references
+    (``dynamic_args["ref_latents"]``) stay the img2img latent and the stored ones, as the prompt set them."""
+    init, *stored = references
+    engine.ini_latent, engine.ref_latents = init, stored
+    shared.sd_model = sd_model_of(model)
+    shared.sd_model.get_learned_conditioning, shared.sd_model.sd_checkpoint_info = engine.get_learned_conditioning, None
+    engine.get_learned_conditioning(prompt_parser.SdConditioning(["a cat"]))
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="a cat", negative_prompt="blurry", steps=10, sampler_name="Euler")
+    p.negative_prompts, p.extra_network_data = ["blurry"], {}
+    nag_pass = pass_class(SimpleNamespace(p=p, params=PARAMS, negative=NegativeConditioning()), PassReport(is_hires=False))
+    try:
+        assert nag_pass.hooked
+        assert [id(ref) for ref in dynamic_args["ref_latents"]] == [id(ref) for ref in references]
+    finally:
+        nag_pass.close()
+
+
+def test_the_nag_negative_leaves_kontexts_references_as_the_prompt_set_them(neo_dynamic_args):
+    """Neo's Flux engine sets the Kontext references again for every prompt that is not a negative one,
+    from its stored references and the img2img image's latent, which the host's prompt has consumed:
+    encoded as a positive, the NAG negative would take the img2img image out of the references."""
+    engine = Flux(lambda texts: (torch.randn(len(texts), 5, T5), torch.randn(len(texts), POOLED)))
+    neo_dynamic_args["kontext"] = True
+    references = [torch.randn(1, 4, 4, 6), torch.randn(1, 4, 6, 4)]  # the img2img image, a stitched one
+    check_the_nag_negative_keeps_the_references(FluxPass, tiny_model("neo"), engine, references)

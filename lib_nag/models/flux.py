@@ -11,6 +11,9 @@ is active, it runs the blocks itself with one NAG row per positive row (text: th
 prompt; Flux's pooled vector: the NAG negative's; time, guidance and Chroma's modulations: the
 positive row's). Otherwise it calls the model's own entry point. Rows that are not positive get
 exactly what the host computes. ``FluxPass`` sets it as an object patch on the pass's cloned patcher.
+Neo's Flux.2 shares Neo's Flux.1 model class and entry point: ``models.flux2`` runs it through this
+runner with its own modulations (``ModulationsOf``); what the runner does for every Neo build (text
+ids on ``txt_ids_dims``, ``txt_norm``) is here.
 
 Kontext's reference tokens are image-stream tokens, as in the authors' NAGFlux: the NAG rows reuse
 their positive rows' reference q/k/v, the reference tokens' attention output is guided with the rest
@@ -33,7 +36,7 @@ from ..webui.conditioning import crossattn
 from ..webui.family import FORGE, ModelFamily
 from ..webui.forge_patcher import ForgeModelPass, forge_rows
 from ..webui.passes import NAG_FORWARD, Forward, OnCall
-from .flux_blocks import BlockCall, Inputs, chroma_modulations, flux_modulations, run_blocks, scale_and_shift, unchanged
+from .flux_blocks import BlockCall, Inputs, Modulations, chroma_modulations, flux_modulations, run_blocks, scale_and_shift, unchanged
 
 STOOD_ASIDE = "a ControlNet, attention mask or block patch on the call, which NAG's own run of the blocks would leave out"
 
@@ -65,6 +68,21 @@ def _text_ids(rows: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros((rows, tokens, 3), device=like.device, dtype=like.dtype)
 
 
+def _text_ids_like(model: Any, rows: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
+    """Text ids as the host's ``forward`` makes them for ``tokens`` text tokens, in the layout of the
+    call's text ids ``like``: zero, but ``0 … tokens−1`` on Neo's ``txt_ids_dims`` (Flux.2: axis 3)."""
+    ids = like.new_zeros((rows, tokens, like.shape[2]))
+    for axis in getattr(model, "txt_ids_dims", ()):
+        ids[:, :, axis] = torch.arange(tokens, device=like.device, dtype=like.dtype)
+    return ids
+
+
+def _text_in(model: torch.nn.Module, txt: torch.Tensor) -> torch.Tensor:
+    """The context into the text stream: ``txt_in``, after Neo's ``txt_norm`` where the model has one."""
+    norm = getattr(model, "txt_norm", None)
+    return model.txt_in(txt if norm is None else norm(txt))
+
+
 def _flux_conditioning(y: torch.Tensor, guidance: torch.Tensor | None = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flux's ``forward(x, timestep, context, y, guidance=None, **kwargs)`` arguments after context."""
     return y, guidance
@@ -83,12 +101,28 @@ def entry_point(model: Any) -> str:
 def _neo_runs_blocks_only(model: torch.nn.Module, named: dict[str, Any]) -> bool:
     """Whether Neo's ``forward_orig`` (its arguments by name) would only run the blocks on this call, as
     NAG does: no ControlNet residuals, attention mask, ``post_input`` or ``dit`` block patches, and for
-    Flux.1 the pooled vector and (for a guidance-distilled model) the guidance that NAG's rows take."""
+    a model with a pooled vector (Flux.1) that vector and (for a guidance-distilled model) the guidance
+    that NAG's rows take."""
     options = named["transformer_options"]
     patched = "post_input" in options.get("patches", {}) or bool(options.get("patches_replace", {}).get("dit"))
     y, guidance = named.get("y"), named["guidance"]
-    has_inputs = hasattr(model, "distilled_guidance_layer") or (y is not None and (guidance is not None or not model.guidance_embed))
+    has_inputs = not hasattr(model, "vec_in_dim") or (y is not None and (guidance is not None or not model.guidance_embed))
     return named["control"] is None and named["attn_mask"] is None and not patched and has_inputs
+
+
+ModulationsOf = Callable[[torch.nn.Module, Any, Inputs, Any], tuple[Modulations, torch.Tensor]]
+"""(model, its host module, the call's inputs, the NAG negative's conditioning) → the modulations of
+the batch and the NAG rows, and the NAG negative's context ``[images, tokens, C]``."""
+
+
+def flux1_or_chroma(model: torch.nn.Module, host: Any, inputs: Inputs, conditioning: Any) -> tuple[Modulations, torch.Tensor]:
+    """Flux.1: its modulation layers on ``vec``, the NAG rows' with the NAG negative's pooled vector,
+    and its T5 context (``conditioning`` is the dict); Chroma: its modulation vectors, the NAG rows' the
+    positive rows' own, and the T5 tensor ``conditioning``."""
+    if hasattr(model, "distilled_guidance_layer"):
+        return chroma_modulations(model, host, inputs), crossattn(conditioning)
+    vector_negative = inputs.positive.negatives(conditioning["vector"].to(inputs.y))
+    return flux_modulations(model, host, inputs, vector_negative), conditioning["crossattn"]
 
 
 @dataclass(frozen=True)
@@ -112,8 +146,10 @@ class _NagRunner:
         params: NagParams,
         is_active: Callable[[dict], bool],
         on_guided: OnCall | None,
+        modulations_of: ModulationsOf,
     ) -> None:
         self.model, self.negative, self.params, self.on_guided = model, negative, params, on_guided
+        self.modulations_of = modulations_of
         self.rows_of = forge_rows(is_active, on_guided)
         self.host = sys.modules[type(model.double_blocks[0]).__module__]  # attention, modulation, fp16_fix, embeddings
         self.is_chroma = hasattr(model, "distilled_guidance_layer")
@@ -130,9 +166,10 @@ class _NagRunner:
 
     def forward_orig(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Neo's ``forward_orig``, called by Neo's ``forward`` and read by the host's own signature:
-        Flux.1's ``(img, img_ids, txt, txt_ids, timesteps, y, guidance, control, transformer_options,
-        attn_mask)`` (Kontext's tokens included, the timestep /1000) or Chroma's, the same without ``y``
-        (the timestep as given, zero guidance unless given). The step window is the pass's, read from
+        Flux.1's and Flux.2's ``(img, img_ids, txt, txt_ids, timesteps, y, guidance, control,
+        transformer_options, attn_mask)`` (reference tokens included, the timestep as Neo's ``forward``
+        gives it: /1000 at 06d6af9a, unchanged in v3.5) or Chroma's, the same without ``y`` (the timestep
+        as given, zero guidance unless given). The step window is the pass's, read from
         ``transformer_options``."""
         model = self.model
         call = inspect.signature(type(model).forward_orig).bind(model, *args, **kwargs)
@@ -155,14 +192,9 @@ class _NagRunner:
         model, host = self.model, self.host
         img = model.img_in(tokens.img)
         inputs = Inputs(positive, timestep, y, guidance, img.shape[0], img.device, img.dtype)
-        conditioning = self.negative()
-        if self.is_chroma:
-            modulations, context_negative = chroma_modulations(model, host, inputs), crossattn(conditioning)
-        else:
-            modulations = flux_modulations(model, host, inputs, positive.negatives(conditioning["vector"].to(y)))
-            context_negative = conditioning["crossattn"]
+        modulations, context_negative = self.modulations_of(model, host, inputs, self.negative())
         txt_negative = positive.negatives(context_negative.to(tokens.txt))  # on the call's device before indexing
-        txt_ids_negative = tokens.txt_ids.new_zeros((len(positive), txt_negative.shape[1], tokens.txt_ids.shape[2]))
+        txt_ids_negative = _text_ids_like(model, len(positive), txt_negative.shape[1], tokens.txt_ids)
         is_neo = _is_comfy_port(model)
         call = BlockCall(
             positive,
@@ -174,7 +206,7 @@ class _NagRunner:
             host.apply_mod if is_neo else scale_and_shift,
             host.fp16_fix if is_neo else unchanged,
         )
-        out = run_blocks(model, img, model.txt_in(tokens.txt), model.txt_in(txt_negative), modulations, call)
+        out = run_blocks(model, img, _text_in(model, tokens.txt), _text_in(model, txt_negative), modulations, call)
         if self.on_guided is not None:
             self.on_guided(True, "")
         return out
@@ -186,20 +218,22 @@ def nag_forward(
     params: NagParams,
     is_active: Callable[[dict], bool],
     on_guided: OnCall | None = None,
+    modulations_of: ModulationsOf = flux1_or_chroma,
 ) -> Forward:
     """A replacement for the model's ``entry_point`` (a Forge ``IntegratedFluxTransformer2DModel`` or
-    ``IntegratedChromaTransformer2DModel``: ``forward``; Neo's Flux.1 and Chroma: ``forward_orig``) that guides
-    the cond rows with NAG.
+    ``IntegratedChromaTransformer2DModel``: ``forward``; Neo's Flux.1, Flux.2 and Chroma: ``forward_orig``)
+    that guides the cond rows with NAG.
 
     ``negative()`` is the NAG negative now, one row per image of the batch: for Flux the conditioning
-    dict (``crossattn [images, tokens, T5]``, ``vector [images, pooled]``), for Chroma the T5 tensor.
+    dict (``crossattn [images, tokens, T5]``, ``vector [images, pooled]``), for Chroma the T5 tensor;
+    ``modulations_of`` reads it (Flux.2 passes its own, ``models.flux2``).
     ``is_active(transformer_options)`` says whether NAG guides this call (the step window); when it
     is false, or the call has no cond chunk, the model's own method runs. The call's rows are
     placed from ``cond_or_uncond`` as on the UNet path (whole copies of the batch too); ``on_guided``
     is told, for each active call, whether it was guided, and if not, why ("": its rows could not
     be placed).
     """
-    entry = getattr(_NagRunner(model, negative, params, is_active, on_guided), entry_point(model))
+    entry = getattr(_NagRunner(model, negative, params, is_active, on_guided, modulations_of), entry_point(model))
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
         return entry(*args, **kwargs)
@@ -228,7 +262,7 @@ def _neo_blocks_in_flux1_form(model: Any, modulation: bool) -> bool:
 
 def _is_neo_flux1(model: Any) -> bool:
     """Neo's port in its Flux.1 form: per-block modulation layers, no text norm or text position ids
-    (its Flux.2 variants are not run)."""
+    (its Flux.2 form is ``models.flux2``'s)."""
     flux1 = {"global_modulation": False, "txt_norm": None, "txt_ids_dims": []}
     if not hasattr(model, "vec_in_dim") or any(getattr(model, name, True) != value for name, value in flux1.items()):
         return False
@@ -259,14 +293,22 @@ def is_flux_family(model: Any) -> bool:
 
 
 class FluxPass(ForgeModelPass):
-    """NAG on a Flux or Chroma model for one sampling pass (``nag_forward`` as the object patch)."""
+    """NAG on a Flux or Chroma model for one sampling pass (``nag_forward`` as the object patch).
+
+    The NAG negative is encoded as a negative prompt: Neo's Flux engine, encoding a positive one, sets
+    the Kontext references again (``dynamic_args.ref_latents``) from its stored references and its init
+    image latent, which the host's own prompt has already consumed, so the img2img image would drop out
+    of the references. Forge main's Flux and Chroma engines and Neo's Chroma engine do not read the flag."""
+
+    encodes_as_negative_prompt = True
+    modulations_of: ModulationsOf = staticmethod(flux1_or_chroma)
 
     def entry_point(self, model: torch.nn.Module) -> str:
         return entry_point(model)
 
     def nag_forward(self, model: torch.nn.Module) -> Forward:
         negative, active = self.weak(lambda nag_pass: nag_pass.nag.negative), self.weak(lambda nag_pass: nag_pass.active, False)
-        return nag_forward(model, negative, self.params, active, self.nag.count(self.report))
+        return nag_forward(model, negative, self.params, active, self.nag.count(self.report), self.modulations_of)
 
     def hooked_text(self, model: torch.nn.Module) -> str:
         return f"{len(model.double_blocks)} double + {len(model.single_blocks)} single blocks"

@@ -1,12 +1,13 @@
 """The Flux block stacks with NAG rows, as the authors' ComfyUI-NAG runs them (see
-``lib_nag.joint_attention``), for every Flux-shaped model: Forge main's and Neo's Flux.1 and Chroma.
+``lib_nag.joint_attention``), for every Flux-shaped model: Forge main's and Neo's Flux.1 and Chroma, and
+Neo's Flux.2.
 
 ``blocks`` runs the double-stream blocks on the image, text and NAG text streams, then the
 single-stream blocks on the batch and the NAG rows, then the final layer, calling the host's own
 block submodules (so quantized and LoRA weights work), attention and modulation arithmetic. The
 per-block modulations come from a ``Modulations`` object: Flux's modulation layers on ``vec``, where
-the NAG rows take the NAG negative's pooled vector, or Chroma's distributed modulation vectors, which
-carry no prompt.
+the NAG rows take the NAG negative's pooled vector, or Chroma's distributed modulation vectors and
+Flux.2's global modulations (``models.flux2``), which carry no prompt.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def _double_block(
 
 
 def _single_inputs(block: torch.nn.Module, x: torch.Tensor, modulation: Modulation, call: BlockCall) -> tuple[QKV, torch.Tensor]:
-    split = [3 * block.hidden_size, block.mlp_hidden_dim]
+    # Neo's gated MLPs (Flux.2) take twice the hidden width from ``linear1`` as ``linear2`` reads back.
+    split = [3 * block.hidden_size, getattr(block, "mlp_hidden_dim_first", block.mlp_hidden_dim)]
     qkv, mlp = torch.split(block.linear1(call.modulated(x, block.pre_norm, modulation)), split, dim=-1)
     return _normed(_heads(qkv, block.num_heads), block.norm), mlp
 
@@ -167,7 +169,7 @@ def _double_triples(*pairs: Any) -> tuple[DoubleModulations, ...]:
     return tuple(tuple(_triple(modulation) for modulation in pair) for pair in pairs)
 
 
-def _triples(out: tuple) -> tuple[Modulation, ...]:
+def triples(out: tuple) -> tuple[Modulation, ...]:
     """A ``Modulation`` layer's output as (shift, scale, gate) triples: Forge main's 6 or 3 tensors,
     or Neo's ``(ModulationOut, ModulationOut | None)``."""
     if isinstance(out[0], torch.Tensor):
@@ -184,10 +186,10 @@ class FluxModulations:
     text_free = False  # the NAG rows' vec carries the NAG negative's pooled vector
 
     def double(self, index: int, block: torch.nn.Module) -> tuple[DoubleModulations, DoubleModulations, DoubleModulations]:
-        return _triples(block.img_mod(self.vec)), _triples(block.txt_mod(self.vec)), _triples(block.txt_mod(self.vec_negative))
+        return triples(block.img_mod(self.vec)), triples(block.txt_mod(self.vec)), triples(block.txt_mod(self.vec_negative))
 
     def single(self, index: int, block: torch.nn.Module) -> tuple[Modulation, Modulation]:
-        return _triples(block.modulation(self.vec))[0], _triples(block.modulation(self.vec_negative))[0]
+        return triples(block.modulation(self.vec))[0], triples(block.modulation(self.vec_negative))[0]
 
     def final(self, model: torch.nn.Module, img: torch.Tensor) -> torch.Tensor:
         return model.final_layer(img, self.vec)

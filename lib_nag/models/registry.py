@@ -1,11 +1,13 @@
 """Every model family NAG runs, in the order the hosts try them: the families with their own
-recognisers first, the UNet (any model with cross-attention layers) last."""
+recognisers first (Flux.2 before Flux, whose model class it shares), the UNet (any model with
+cross-attention layers) last."""
 
 from ..webui.family import ModelFamily
-from . import flux, mmdit, nextdit, qwen, unet
+from . import flux, flux2, mmdit, nextdit, qwen, unet
 
 FAMILIES: tuple[ModelFamily, ...] = (
     mmdit.FAMILY,
+    flux2.FAMILY,
     flux.FAMILY,
     qwen.FAMILY,
     nextdit.FAMILY,

@@ -58,11 +58,11 @@ class EmbedND(nn.Module):
 
 
 class MLPEmbedder(nn.Module):
-    def __init__(self, in_dim, hidden_dim):
+    def __init__(self, in_dim, hidden_dim, bias=True):  # ``bias``: Neo's (Flux.2 has none); Forge main always has them
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=True)
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=bias)
         self.silu = nn.SiLU()
-        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=True)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=bias)
 
     def forward(self, x):
         return self.out_layer(self.silu(self.in_layer(x)))

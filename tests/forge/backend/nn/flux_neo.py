@@ -1,13 +1,21 @@
 """Mirrors backend/nn/flux.py of Forge Neo (Haoming02/sd-webui-forge-classic, neo, read at
-06d6af9a9b98436d013b398ab35f0b0bf8a888ce; Neo's port of ComfyUI v0.9 comfy/ldm/flux), the Flux.1 path
-only: the same class and attribute names and order of operations, written from its behaviour.
+06d6af9a9b98436d013b398ab35f0b0bf8a888ce; Neo's port of ComfyUI v0.9 comfy/ldm/flux): Flux.1, Kontext
+and Flux.2 (Klein: ``global_modulation``, ``mlp_silu_act``, ``txt_ids_dims``, ``txt_norm``, the
+"index" reference ids), the same class and attribute names and order of operations, written from its
+behaviour.
 
-Left out: the Flux.2 variants (``global_modulation``, ``txt_norm``, ``yak_mlp``, ``mlp_silu_act``,
-``txt_ids_dims`` other than empty, ``flipped_img_txt``: their attributes are kept at Flux.1's values
-so that NAG can tell the variants apart), the "index" and "uxo" reference methods (Flux.1 Kontext uses
-"offset"), ``dit`` block replace patches, ``modulation_dims``, the ``del``s and the mps/xpu ``rope`` branch. Where Neo behaves as
-Forge main, the main stand-in's pieces are used (``timestep_embedding``, ``EmbedND``,
-``MLPEmbedder``, ``RMSNorm``, ``SelfAttention``, ``split_heads``, ``mlp``)."""
+From the later copy of Neo v3.5 (exo101/sd-webui-forge-neo-v3 @ 5692d2d1, ``webui/backend/nn/flux.py``):
+the reference tokens and ids expanded to the batch (06d6af9a concatenates them as they come, which
+only works for references with the batch's rows) and, with ``timestep_divisor=1``, its ``forward``,
+which hands the timestep to ``forward_orig`` unchanged (its predictor gives σ; 06d6af9a's ``forward``
+divides by 1000, the default here).
+
+Left out: the yak MLP (``yak_mlp``: no Neo engine loads such a model; the attribute stays False),
+``flipped_img_txt`` other than False, the "uxo" reference method, ``dit`` block replace patches,
+``modulation_dims``, the ``del``s, the mps/xpu ``rope`` branch and ``transformer_options``' block
+counters. Where Neo behaves as Forge main, the main stand-in's pieces are used
+(``timestep_embedding``, ``EmbedND``, ``MLPEmbedder``, ``RMSNorm``, ``QKNorm``'s norms,
+``split_heads``); the stand-in's own ``timestep_divisor`` argument is not Neo's."""
 
 from dataclasses import dataclass
 
@@ -29,6 +37,47 @@ def attention(q, k, v, pe, mask=None, transformer_options={}):  # noqa: B006 (Ne
     return attention_function(q, k, v, q.shape[1], mask=mask, skip_reshape=True)
 
 
+class SiLUActivation(nn.Module):
+    """Flux.2's gated activation: ``silu(first half) · second half``."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_fn = nn.SiLU()
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return self.gate_fn(x1) * x2
+
+
+def build_mlp(hidden_size, mlp_hidden_dim, mlp_silu_act=False):
+    """Flux.1's GELU MLP with biases, or Flux.2's gated SiLU MLP without."""
+    if mlp_silu_act:
+        return nn.Sequential(
+            nn.Linear(hidden_size, mlp_hidden_dim * 2, bias=False), SiLUActivation(), nn.Linear(mlp_hidden_dim, hidden_size, bias=False)
+        )
+    return nn.Sequential(
+        nn.Linear(hidden_size, mlp_hidden_dim, bias=True), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden_dim, hidden_size, bias=True)
+    )
+
+
+class QKNorm(flux.QKNorm):
+    """Forge main's norms; Neo's forward casts both to v's dtype (Forge main's to each other's)."""
+
+    def forward(self, q, k, v):
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+class SelfAttention(nn.Module):
+    """Only its submodules are used: the blocks call ``qkv``, ``norm`` and ``proj`` themselves."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, proj_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+
 @dataclass
 class ModulationOut:
     shift: torch.Tensor
@@ -40,11 +89,11 @@ class Modulation(nn.Module):
     """``vec [B, D]`` → ``(ModulationOut, ModulationOut)`` (double) or ``(ModulationOut, None)``, each
     tensor ``[B, 1, D]``."""
 
-    def __init__(self, dim, double):
+    def __init__(self, dim, double, bias=True):
         super().__init__()
         self.is_double = double
         self.multiplier = 6 if double else 3
-        self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=bias)
 
     def forward(self, vec):
         if vec.ndim == 2:
@@ -58,18 +107,31 @@ def apply_mod(tensor, m_mult, m_add=None, modulation_dims=None):
     return tensor * m_mult if m_add is None else torch.addcmul(m_add, tensor, m_mult)
 
 
-class DoubleStreamBlock(flux.DoubleStreamBlock):
-    """Forge main's submodules, with Neo's ``Modulation`` and flags; without modulation layers
-    (``modulation=False``, Chroma) ``vec`` is the modulations, ``((img_mod1, img_mod2), (txt_mod1, txt_mod2))``."""
+class DoubleStreamBlock(nn.Module):
+    """Without modulation layers (``modulation=False``: Chroma, Flux.2) ``vec`` is the modulations,
+    ``((img_mod1, img_mod2), (txt_mod1, txt_mod2))``."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio, qkv_bias=False, modulation=True):
-        super().__init__(hidden_size, num_heads, mlp_ratio, qkv_bias)
+    def __init__(
+        self, hidden_size, num_heads, mlp_ratio, qkv_bias=False, flipped_img_txt=False, modulation=True, mlp_silu_act=False, proj_bias=True,
+    ):  # fmt: skip
+        super().__init__()
+        mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        self.num_heads = num_heads
+        self.hidden_size = hidden_size
         self.modulation = modulation
-        self.flipped_img_txt = False
-        del self.img_mod, self.txt_mod  # Forge main's
         if modulation:
             self.img_mod = Modulation(hidden_size, double=True)
+        self.img_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_attn = SelfAttention(dim=hidden_size, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.img_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = build_mlp(hidden_size, mlp_hidden_dim, mlp_silu_act)
+        if modulation:
             self.txt_mod = Modulation(hidden_size, double=True)
+        self.txt_norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_attn = SelfAttention(dim=hidden_size, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.txt_norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = build_mlp(hidden_size, mlp_hidden_dim, mlp_silu_act)
+        self.flipped_img_txt = flipped_img_txt
 
     def stream_qkv(self, attn, normed, mod):
         """Neo writes this inline for each stream: modulation, ``qkv``, heads split."""
@@ -93,18 +155,24 @@ class DoubleStreamBlock(flux.DoubleStreamBlock):
 
 
 class SingleStreamBlock(nn.Module):
-    """Without a modulation layer (``modulation=False``, Chroma) ``vec`` is the ``ModulationOut``."""
+    """Without a modulation layer (``modulation=False``: Chroma, Flux.2) ``vec`` is the ``ModulationOut``.
+    Flux.2's gated MLP makes ``linear1``'s MLP part twice as wide as ``linear2`` reads
+    (``mlp_hidden_dim_first``)."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, modulation=True):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, modulation=True, mlp_silu_act=False, bias=True):
         super().__init__()
         self.hidden_dim = hidden_size
         self.num_heads = num_heads
         self.mlp_hidden_dim = int(hidden_size * mlp_ratio)
         self.mlp_hidden_dim_first = self.mlp_hidden_dim
         self.yak_mlp = False
-        self.mlp_act = nn.GELU(approximate="tanh")
-        self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden_dim_first)
-        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size)
+        if mlp_silu_act:
+            self.mlp_hidden_dim_first = int(hidden_size * mlp_ratio * 2)
+            self.mlp_act = SiLUActivation()
+        else:
+            self.mlp_act = nn.GELU(approximate="tanh")
+        self.linear1 = nn.Linear(hidden_size, hidden_size * 3 + self.mlp_hidden_dim_first, bias=bias)
+        self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size, bias=bias)
         self.norm = QKNorm(hidden_size // num_heads)
         self.hidden_size = hidden_size
         self.pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -112,30 +180,24 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, vec, pe, attn_mask=None, transformer_options={}):  # noqa: B006
         mod = self.modulation(vec)[0] if self.modulation else vec
-        qkv, hidden = torch.split(
+        qkv, mlp = torch.split(
             self.linear1(apply_mod(self.pre_norm(x), 1 + mod.scale, mod.shift)), [3 * self.hidden_size, self.mlp_hidden_dim_first], dim=-1
         )
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe=pe, mask=attn_mask, transformer_options=transformer_options)
-        x += apply_mod(self.linear2(torch.cat((attn, self.mlp_act(hidden)), 2)), mod.gate)
+        x += apply_mod(self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2)), mod.gate)
         return fp16_fix(x)
 
 
-class QKNorm(nn.Module):
-    """Neo's QKNorm casts both to v's dtype (Forge main's to each other's)."""
+class LastLayer(nn.Module):
+    """Neo's forward takes ``vec`` with or without its token axis."""
 
-    def __init__(self, dim):
+    def __init__(self, hidden_size, patch_size, out_channels, bias=True):
         super().__init__()
-        self.query_norm = RMSNorm(dim)
-        self.key_norm = RMSNorm(dim)
-
-    def forward(self, q, k, v):
-        return self.query_norm(q).to(v), self.key_norm(k).to(v)
-
-
-class LastLayer(flux.LastLayer):
-    """Forge main's layers; Neo's forward takes ``vec`` with or without its token axis."""
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=bias))
 
     def forward(self, x, vec):
         if vec.ndim == 2:
@@ -147,7 +209,8 @@ class LastLayer(flux.LastLayer):
 class IntegratedFluxTransformer2DModel(nn.Module):
     def __init__(
         self, in_channels, out_channels, vec_in_dim, context_in_dim, hidden_size, mlp_ratio, num_heads, depth, depth_single_blocks,
-        axes_dim, theta, patch_size, qkv_bias, guidance_embed, txt_ids_dims,
+        axes_dim, theta, patch_size, qkv_bias, guidance_embed, txt_ids_dims, global_modulation=False, mlp_silu_act=False, ops_bias=True,
+        default_ref_method="offset", ref_index_scale=1.0, txt_norm=False, timestep_divisor=1000.0,
     ):  # fmt: skip
         super().__init__()
         self.guidance_embed = guidance_embed
@@ -158,32 +221,53 @@ class IntegratedFluxTransformer2DModel(nn.Module):
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.pe_embedder = EmbedND(dim=hidden_size // num_heads, theta=theta, axes_dim=axes_dim)
-        self.img_in = nn.Linear(self.in_channels, hidden_size, bias=True)
-        self.time_in = MLPEmbedder(in_dim=256, hidden_dim=hidden_size)
-        self.vec_in_dim = vec_in_dim
-        self.vector_in = MLPEmbedder(vec_in_dim, hidden_size)
-        self.guidance_in = MLPEmbedder(in_dim=256, hidden_dim=hidden_size) if guidance_embed else nn.Identity()
-        self.txt_in = nn.Linear(context_in_dim, hidden_size)
-        self.txt_norm = None
-        self.double_blocks = nn.ModuleList([DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
-        self.single_blocks = nn.ModuleList([SingleStreamBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth_single_blocks)])
-        self.final_layer = LastLayer(hidden_size, 1, self.out_channels)
+        self.img_in = nn.Linear(self.in_channels, hidden_size, bias=ops_bias)
+        self.time_in = MLPEmbedder(in_dim=256, hidden_dim=hidden_size, bias=ops_bias)
+        if vec_in_dim is not None:  # Flux.2 has no pooled vector
+            self.vec_in_dim = vec_in_dim
+            self.vector_in = MLPEmbedder(vec_in_dim, hidden_size)
+        self.guidance_in = MLPEmbedder(in_dim=256, hidden_dim=hidden_size, bias=ops_bias) if guidance_embed else nn.Identity()
+        self.txt_in = nn.Linear(context_in_dim, hidden_size, bias=ops_bias)
+        self.txt_norm = RMSNorm(context_in_dim) if txt_norm else None
+        per_block = {"modulation": global_modulation is False, "mlp_silu_act": mlp_silu_act}
+        self.double_blocks = nn.ModuleList(
+            [DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, qkv_bias, proj_bias=ops_bias, **per_block) for _ in range(depth)]
+        )
+        self.single_blocks = nn.ModuleList(
+            [SingleStreamBlock(hidden_size, num_heads, mlp_ratio, bias=ops_bias, **per_block) for _ in range(depth_single_blocks)]
+        )
+        self.final_layer = LastLayer(hidden_size, 1, self.out_channels, bias=ops_bias)
+        if global_modulation:  # one modulation of the time embedding for every block of a kind
+            self.double_stream_modulation_img = Modulation(hidden_size, double=True, bias=False)
+            self.double_stream_modulation_txt = Modulation(hidden_size, double=True, bias=False)
+            self.single_stream_modulation = Modulation(hidden_size, double=False, bias=False)
         self.txt_ids_dims = txt_ids_dims
-        self.global_modulation = False
-        self.default_ref_method = "offset"
+        self.global_modulation = global_modulation
+        self.default_ref_method = default_ref_method
+        self.ref_index_scale = ref_index_scale
+        self.timestep_divisor = timestep_divisor
 
     def forward_orig(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None, transformer_options={}, attn_mask=None):  # noqa: B006
-        """Neo's order: ``img_in``, ``vec`` (guidance only when given; ``y`` cut to ``vec_in_dim``),
-        ``txt_in``, ``post_input`` patches, ``pe``, the double blocks (ControlNet input adds; Neo's
-        ``dit`` block replace patches are left out), ``fp16_fix`` of the image, the single blocks (ControlNet output adds),
-        the final layer on the image tokens."""
+        """Neo's order: ``img_in``, ``vec`` (guidance only when given; ``y`` zeros when not given, cut to
+        ``vec_in_dim``; none without ``vec_in_dim``), ``txt_norm``, ``txt_in``, the global modulations,
+        ``post_input`` patches, ``pe``, the double blocks (ControlNet input adds; Neo's ``dit`` block replace
+        patches are left out), ``fp16_fix`` of the image, the single blocks (ControlNet output adds), the
+        final layer on the image tokens with the time vector."""
         patches = transformer_options.get("patches", {})
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
         if self.guidance_embed and guidance is not None:
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
-        vec = vec + self.vector_in(y[:, : self.vec_in_dim])
+        if hasattr(self, "vec_in_dim"):
+            if y is None:
+                y = torch.zeros((img.shape[0], self.vec_in_dim), device=img.device, dtype=img.dtype)
+            vec = vec + self.vector_in(y[:, : self.vec_in_dim])
+        if self.txt_norm is not None:
+            txt = self.txt_norm(txt)
         txt = self.txt_in(txt)
+        vec_orig = vec
+        if self.global_modulation:
+            vec = (self.double_stream_modulation_img(vec_orig), self.double_stream_modulation_txt(vec_orig))
         for patch in patches.get("post_input", []):
             out = patch({"img": img, "txt": txt, "img_ids": img_ids, "txt_ids": txt_ids})
             img, txt, img_ids, txt_ids = out["img"], out["txt"], out["img_ids"], out["txt_ids"]
@@ -194,15 +278,17 @@ class IntegratedFluxTransformer2DModel(nn.Module):
             if control is not None and i < len(control["input"]) and control["input"][i] is not None:
                 img[:, : control["input"][i].shape[1]] += control["input"][i]
         img = torch.cat((txt, fp16_fix(img)), 1)
+        if self.global_modulation:
+            vec, _ = self.single_stream_modulation(vec_orig)
         for i, block in enumerate(self.single_blocks):
             transformer_options["block_index"] = i
             img = block(img, vec=vec, pe=pe, attn_mask=attn_mask, transformer_options=transformer_options)
             if control is not None and i < len(control["output"]) and control["output"][i] is not None:
                 img[:, txt.shape[1] : txt.shape[1] + control["output"][i].shape[1]] += control["output"][i]
-        return self.final_layer(img[:, txt.shape[1] :, ...], vec)
+        return self.final_layer(img[:, txt.shape[1] :, ...], vec_orig)
 
     def process_img(self, x, index=0, h_offset=0, w_offset=0):
-        """Circular pad to the patch size, patches, and ids ``(index, row + h_offset, column + w_offset)``
+        """Circular pad to the patch size, patches, and ids ``(index, row + h_offset, column + w_offset, 0…)``
         in float32 (offsets in latent pixels, converted to patches)."""
         batch, patch = x.shape[0], self.patch_size
         h, w = x.shape[-2:]
@@ -217,23 +303,38 @@ class IntegratedFluxTransformer2DModel(nn.Module):
         img_ids[:, :, 2] = img_ids[:, :, 2] + columns.unsqueeze(0)
         return img, repeat(img_ids, "h w c -> b (h w) c", b=batch)
 
+    def reference_offsets(self, ref, method, placed):
+        """One reference's ``(index, h_offset, w_offset)`` by ``method`` ("index": Flux.2, index 10, 20, …
+        by ``ref_index_scale``; "offset": Flux.1 Kontext, index 1, placed beside the earlier references),
+        ``placed`` the running ``[index, h, w]`` Neo keeps in its loop."""
+        if method == "index":
+            placed[0] += self.ref_index_scale
+            return placed[0], 0, 0
+        h, w = placed[1:]
+        h_offset, w_offset = (0, w) if ref.shape[-2] + h > ref.shape[-1] + w else (h, 0)
+        placed[1:] = max(h, ref.shape[-2] + h_offset), max(w, ref.shape[-1] + w_offset)
+        return 1, h_offset, w_offset
+
     def forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None, transformer_options={}, **kwargs):  # noqa: B006
-        """Patches and ids; each Kontext reference of ``dynamic_args["ref_latents"]`` (not the
-        ``ref_latents`` argument) appended to the image tokens, ids by the "offset" method; zero text
-        ids; ``forward_orig`` with the timestep /1000; the reference tokens cut; unpatched."""
+        """Patches and ids; each reference latent of ``dynamic_args["ref_latents"]`` (not the
+        ``ref_latents`` argument) appended to the image tokens, expanded to the batch; text ids zero but
+        on ``txt_ids_dims`` (``0…L−1``); ``forward_orig`` with the timestep / ``timestep_divisor``; the
+        reference tokens cut; unpatched."""
         _, _, h_orig, w_orig = x.shape
         h_len, w_len = (h_orig + self.patch_size // 2) // self.patch_size, (w_orig + self.patch_size // 2) // self.patch_size
         img, img_ids = self.process_img(x)
         img_tokens = img.shape[1]
-        h = w = 0
+        placed = [0, 0, 0]
         for ref in dynamic_args.get("ref_latents") or []:
-            h_offset, w_offset = (0, w) if ref.shape[-2] + h > ref.shape[-1] + w else (h, 0)
-            h, w = max(h, ref.shape[-2] + h_offset), max(w, ref.shape[-1] + w_offset)
-            kontext, kontext_ids = self.process_img(ref, index=1, h_offset=h_offset, w_offset=w_offset)
-            img, img_ids = torch.cat([img, kontext], dim=1), torch.cat([img_ids, kontext_ids], dim=1)
+            index, h_offset, w_offset = self.reference_offsets(ref, kwargs.get("ref_latents_method", self.default_ref_method), placed)
+            kontext, kontext_ids = self.process_img(ref.to(x), index=index, h_offset=h_offset, w_offset=w_offset)
+            img = torch.cat([img, kontext.expand(img.shape[0], *kontext.shape[1:])], dim=1)
+            img_ids = torch.cat([img_ids, kontext_ids.expand(img_ids.shape[0], *kontext_ids.shape[1:])], dim=1)
         txt_ids = torch.zeros((x.shape[0], context.shape[1], len(self.axes_dim)), device=x.device, dtype=torch.float32)
-        attn_mask = kwargs.get("attention_mask")
-        out = self.forward_orig(img, img_ids, context, txt_ids, timestep / 1000.0, y, guidance, control, transformer_options, attn_mask)
+        for axis in self.txt_ids_dims:
+            txt_ids[:, :, axis] = torch.linspace(0, context.shape[1] - 1, steps=context.shape[1], device=x.device, dtype=torch.float32)
+        timestep, attn_mask = timestep / self.timestep_divisor, kwargs.get("attention_mask")
+        out = self.forward_orig(img, img_ids, context, txt_ids, timestep, y, guidance, control, transformer_options, attn_mask)
         out = out[:, :img_tokens]
         return rearrange(out, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=h_len, w=w_len, ph=self.patch_size, pw=self.patch_size)[
             :, :, :h_orig, :w_orig
