@@ -302,17 +302,15 @@ def test_a_forge_main_structure_with_reference_latents_is_named_not_run():
         assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), sd_model) is None
 
 
-@pytest.mark.parametrize("ending", ["finished", "interrupted", "raised"])
-def test_nothing_is_left_after_any_flux_job(ending):
+def nothing_is_left_after_a_job(sd_model, pass_class, arguments, per_image, ending):
     """A job's ``p.sample`` guard ends the pass whatever happens inside sampling: the pass's patcher
-    goes, Forge unpatches the model, no callback stays registered."""
+    goes, Forge unpatches the model, no callback stays registered. ``per_image``: each image's NAG
+    negative; the job samples 3 steps (guided), ``ending`` as it says."""
     from lib_nag.webui.job import NagHost, NagJob
 
-    shared.sd_model = flux_sd_model("flux")
-    original = shared.sd_model.forge_objects.unet
+    shared.sd_model = sd_model
+    original = sd_model.forge_objects.unet
     model = original.model.diffusion_model
-    arguments, negative = batch("flux", [0])
-    per_image = [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
     host = ForgeHost.__new__(ForgeHost)
     NagHost.__init__(host)
     schedules = [[prompt_parser.ScheduledPromptConditioning(10, c)] for c in per_image]
@@ -337,7 +335,7 @@ def test_nothing_is_left_after_any_flux_job(ending):
     p = SimpleNamespace(sample=sample, is_hr_pass=False, extra_generation_params={})
     job = NagJob(host, p, NagParams(enabled=True))
     job.start_pass()
-    assert isinstance(job.pass_, FluxPass)
+    assert isinstance(job.pass_, pass_class)
     if ending == "raised":
         with pytest.raises(RuntimeError, match="out of memory"):
             p.sample()
@@ -346,8 +344,17 @@ def test_nothing_is_left_after_any_flux_job(ending):
         job.end()
     assert shared.sd_model.forge_objects.unet is original and host.live is None
     assert not script_callbacks.callback_map["callbacks_cfg_denoiser"]
-    assert torch.equal(model(**arguments), type(model).forward(model, **arguments))  # the model's own forward again
+    own = type(model).forward(model, **arguments)
+    assert torch.equal(model(**arguments), own)  # the model's own forward again
+    assert relative(seen[0], own) > 1e-3  # guided while the job ran
     assert ("NAG scale" in p.extra_generation_params) == (ending != "raised")
+
+
+@pytest.mark.parametrize("ending", ["finished", "interrupted", "raised"])
+def test_nothing_is_left_after_any_flux_job(ending):
+    arguments, negative = batch("flux", [0])
+    per_image = [{k: v[i] for k, v in negative.items()} for i in range(IMAGES)]
+    nothing_is_left_after_a_job(flux_sd_model("flux"), FluxPass, arguments, per_image, ending)
 
 
 def test_nags_forward_left_on_a_loaded_model_is_inert_and_keeps_no_pass_alive():
