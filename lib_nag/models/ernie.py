@@ -13,12 +13,14 @@ rows are run as their text tokens alone, attending with the positive rows' image
 (``single_stream_text_attention``, image first).
 
 Positions: ERNIE's RoPE puts the text at axis-0 positions ``0 … L−1`` and the image at axis 0 = L, and
-its rotation (HF ERNIE's layout: a pair's two channels rotate with different frequencies) is not a
-function of position differences, so no shift of the NAG text's positions reproduces the model's own
-sequence. The NAG rows therefore take the positions the model gives an ``[image; NAG text]`` sequence
-(image at axis 0 = L′, text ``0 … L′−1``), and their image q/k are their positive rows' before the
-RoPE, rotated with those positions: exactly the model's own NAG sequence. ``rope_options`` in
-``transformer_options`` are honoured for both sequences, as the model applies them.
+its rotation is not a function of position differences (of a channel pair, the first channel turns with
+a frequency from the first half of the table, the second with one from the second half, often of another
+axis), so no shift of the NAG text's positions reproduces the model's own sequence. The NAG rows
+therefore take the positions the model gives an ``[image; NAG text]`` sequence (image at axis 0 = L′,
+text ``0 … L′−1``), and their image q/k are their positive rows' before the RoPE, rotated with those
+positions: exactly the model's own NAG sequence, for one extra RoPE over the image tokens per NAG row
+and layer. ``rope_options`` in ``transformer_options`` are honoured for both sequences, as the model
+applies them.
 
 The model reads nothing else of a call (no ControlNet, patches or mask reach its layers), so NAG runs
 every call with cond rows inside the window; other calls run the model's own ``forward``.
@@ -26,20 +28,18 @@ every call with cond rows inside the window; other calls run the model's own ``f
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..attention import PositiveRows
-from ..joint_attention import QKV, Attend, single_stream_text_attention
+from ..joint_attention import QKV, Attend
 from ..params import NagParams
 from ..webui.conditioning import crossattn
 from ..webui.family import FORGE, ModelFamily
-from ..webui.forge_patcher import ForgeModelPass, RowsOf, forge_rows
-from ..webui.passes import NAG_FORWARD, Forward, OnCall
+from ..webui.forge_patcher import RowsOf
+from ..webui.passes import Forward, OnCall
+from .neo_single_stream import Anatomy, BlockCall, NeoSingleStreamPass, Runner, patched_forward
 
 Modulation = list[torch.Tensor]  # shift, scale, gate before the attention; shift, scale, gate before the MLP: [rows, 1, D]
 
@@ -71,18 +71,6 @@ def _gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.T
     return x + (gate.float() * update.float()).to(x.dtype)
 
 
-@dataclass(frozen=True)
-class _Call:
-    """What every layer of one guided call needs."""
-
-    positive: PositiveRows
-    text_tokens: int  # the batch's
-    pe: torch.Tensor
-    pe_negative: torch.Tensor
-    attend: Attend
-    params: NagParams
-
-
 def _attend(host: Any, heads: int) -> Attend:
     """The host's RoPE (``apply_rope_split_half`` on ``[B, S, H, Dh]``) and attention (heads merged)."""
 
@@ -107,16 +95,13 @@ def _qkv(attention: torch.nn.Module, x: torch.Tensor) -> QKV:
 
 
 def _layer(
-    layer: torch.nn.Module, streams: tuple[torch.Tensor, torch.Tensor], temb: tuple[Modulation, Modulation], call: _Call
+    layer: torch.nn.Module, streams: tuple[torch.Tensor, torch.Tensor], temb: tuple[Modulation, Modulation], call: BlockCall
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ErnieImageSharedAdaLNBlock`` on the batch and on the NAG rows' text (with their positive rows'
     modulation): attention with NAG, then each its own out-projection, gates and MLP."""
     attention = layer.self_attention
     normed = [_modulated(x, layer.adaLN_sa_ln, scale=m[1], shift=m[0]) for x, m in zip(streams, temb, strict=True)]
-    outs = single_stream_text_attention(
-        _qkv(attention, normed[0]), _qkv(attention, normed[1]), call.text_tokens, False, call.positive, call.pe, call.pe_negative,
-        call.attend, call.params,
-    )  # fmt: skip
+    outs = call.attention(_qkv(attention, normed[0]), _qkv(attention, normed[1]))
     updated = []
     for x, out, (_, _, gate_msa, shift_mlp, scale_mlp, gate_mlp) in zip(streams, outs, temb, strict=True):
         x = _gated(x, gate_msa, attention.to_out[0](out))
@@ -124,14 +109,8 @@ def _layer(
     return updated[0], updated[1]
 
 
-class _NagRunner:
-    """The guided ``forward`` of one model."""
-
-    def __init__(
-        self, model: torch.nn.Module, negative: Callable[[], Any], params: NagParams, rows_of: RowsOf, on_call: OnCall | None
-    ) -> None:
-        self.model, self.negative, self.params, self.rows_of, self.on_call = model, negative, params, rows_of, on_call
-        self.host = sys.modules[type(model).__module__]  # comfy_kitchen (``ck``) and the attention function
+class _NagRunner(Runner):
+    """The guided ``forward`` of one ``ErnieImageModel`` (the host: comfy_kitchen as ``ck``, the attention function)."""
 
     def text(self, context: torch.Tensor) -> torch.Tensor:
         projection = self.model.text_proj
@@ -151,9 +130,10 @@ class _NagRunner:
         rope_options = (kwargs.get("transformer_options") or {}).get("rope_options")
         c = model.time_embedding(model.time_proj(timesteps).to(x.dtype))
         temb = [t.unsqueeze(1).contiguous() for t in model.adaLN_modulation(c).chunk(6, dim=-1)]
-        call = _Call(
+        call = BlockCall(
             positive,
             text.shape[1],
+            False,  # image first
             model.pos_embed(_ids(batch, text.shape[1], grid, rope_options, x.device)),
             model.pos_embed(_ids(len(positive), text_negative.shape[1], grid, rope_options, x.device)),
             _attend(self.host, model.num_heads),
@@ -165,8 +145,7 @@ class _NagRunner:
             streams = _layer(layer, streams, modulations, call)
         hidden = model.final_norm(streams[0], c).type_as(streams[0])
         patches = model.final_linear(hidden)[:, : grid[0] * grid[1], :]
-        if self.on_call is not None:
-            self.on_call(True, "")
+        self.told(True, "")
         out = patches.view(batch, *grid, patch, patch, model.out_channels).permute(0, 5, 1, 3, 2, 4)
         return out.contiguous().view(batch, model.out_channels, height, width)
 
@@ -174,57 +153,31 @@ class _NagRunner:
 def nag_forward(
     model: torch.nn.Module, negative: Callable[[], Any], params: NagParams, rows_of: RowsOf, on_call: OnCall | None = None
 ) -> Forward:
-    """A replacement for the ``ErnieImageModel``'s ``forward`` that guides the positive rows with NAG.
-
-    ``negative()`` is the NAG negative now, ``[images, tokens, 3072]``; ``rows_of(x, context, kwargs)``
-    gives the call's positive rows (Forge: ``forge_rows``), or None, and then the model's own
-    ``forward`` runs; ``on_call`` is told of each guided call."""
-    runner = _NagRunner(model, negative, params, rows_of, on_call)
-
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return runner.forward(*args, **kwargs)
-
-    setattr(forward, NAG_FORWARD, True)
-    return forward
+    """A replacement for the ``ErnieImageModel``'s ``forward`` that guides the positive rows with NAG
+    (see ``neo_single_stream.Runner``); ``negative()`` is ``[images, tokens, 3072]``."""
+    return patched_forward(_NagRunner(model, negative, params, rows_of, on_call))
 
 
-_LAYER_PARTS = ("adaLN_sa_ln", "adaLN_mlp_ln", "self_attention", "mlp")
-_ATTENTION_PARTS = ("to_q", "to_k", "to_v", "norm_q", "norm_k", "to_out", "heads", "head_dim")
-_MODEL_PARTS = ("x_embedder", "text_proj", "time_proj", "time_embedding", "pos_embed", "adaLN_modulation", "layers", "final_norm")
+ANATOMY = Anatomy(
+    "ERNIE-Image",
+    "ErnieImageModel",
+    model=("x_embedder", "text_proj", "time_proj", "time_embedding", "pos_embed", "adaLN_modulation", "final_norm", "final_linear"),
+    blocks="layers",
+    block=(
+        "adaLN_sa_ln", "adaLN_mlp_ln", "mlp", "self_attention.to_q", "self_attention.to_k", "self_attention.to_v", "self_attention.norm_q",
+        "self_attention.norm_k", "self_attention.to_out", "self_attention.heads", "self_attention.head_dim",
+    ),
+    host=("ck.apply_rope_split_half", "attention_function"),
+)  # fmt: skip
 
 
-def _looks_like_ernie(model: Any) -> bool:
-    return type(model).__name__ == "ErnieImageModel" or all(hasattr(model, name) for name in (*_MODEL_PARTS, "final_linear"))
+class ErniePass(NeoSingleStreamPass):
+    """NAG on an ERNIE-Image model for one sampling pass."""
 
-
-def is_ernie(model: Any) -> bool:
-    """Neo's ``ErnieImageModel``: its layers, attention and the host functions NAG calls, as read."""
-    host = sys.modules.get(type(model).__module__)
-    if not (_looks_like_ernie(model) and all(hasattr(model, name) for name in _MODEL_PARTS)):
-        return False
-    layers_as_read = all(
-        all(hasattr(layer, name) for name in _LAYER_PARTS) and all(hasattr(layer.self_attention, name) for name in _ATTENTION_PARTS)
-        for layer in model.layers
-    )
-    return layers_as_read and hasattr(getattr(host, "ck", None), "apply_rope_split_half") and hasattr(host, "attention_function")
-
-
-def unsupported_ernie(model: Any) -> str:
-    if _looks_like_ernie(model) and not is_ernie(model):
-        return f"NAG runs Forge Neo's ERNIE-Image as read at 5692d2d1; this {type(model).__name__} is built otherwise, not supported yet"
-    return ""
-
-
-class ErniePass(ForgeModelPass):
-    """NAG on an ERNIE-Image model for one sampling pass (``nag_forward`` as the object patch)."""
-
-    def nag_forward(self, model: torch.nn.Module) -> Forward:
-        count = self.nag.count(self.report)
-        rows = forge_rows(self.weak(lambda nag_pass: nag_pass.active, False), count)
-        return nag_forward(model, self.weak(lambda nag_pass: nag_pass.nag.negative), self.params, rows, count)
+    runner = _NagRunner
 
     def hooked_text(self, model: torch.nn.Module) -> str:
         return f"{len(model.layers)} single-stream layers"
 
 
-FAMILY = ModelFamily("ERNIE-Image", {FORGE: ErniePass}, is_ernie, unsupported_ernie)
+FAMILY = ModelFamily(ANATOMY.family, {FORGE: ErniePass}, ANATOMY.recognises, ANATOMY.unsupported)
