@@ -2,6 +2,6 @@
 recognisers first, the UNet (any model with cross-attention layers) last."""
 
 from ..webui.family import ModelFamily
-from . import ernie, flux, mmdit, unet
+from . import ernie, flux, krea, mmdit, unet
 
-FAMILIES: tuple[ModelFamily, ...] = (mmdit.FAMILY, flux.FAMILY, ernie.FAMILY, unet.FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (mmdit.FAMILY, flux.FAMILY, ernie.FAMILY, krea.FAMILY, unet.FAMILY)
