@@ -3,7 +3,7 @@ recognisers first (Flux.2 before Flux, whose model class it shares), the UNet (a
 cross-attention layers) last."""
 
 from ..webui.family import ModelFamily
-from . import flux, flux2, mmdit, nextdit, qwen, unet
+from . import ernie, flux, flux2, krea, mmdit, nextdit, qwen, unet
 
 FAMILIES: tuple[ModelFamily, ...] = (
     mmdit.FAMILY,
@@ -11,5 +11,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     flux.FAMILY,
     qwen.FAMILY,
     nextdit.FAMILY,
+    ernie.FAMILY,
+    krea.FAMILY,
     unet.FAMILY,
 )
