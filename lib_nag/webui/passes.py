@@ -127,7 +127,7 @@ class NagPass:
         denoiser = getattr(params, "denoiser", None) or getattr(getattr(self.job.p, "sampler", None), "model_wrap_cfg", None)
         if denoiser is None or getattr(denoiser, "p", None) is not self.job.p:
             return
-        if shared.sd_model is not self.model or checkpoint(shared.sd_model) is not self.checkpoint:
+        if self.model_switched(shared.sd_model):
             self.follow_model_switch(shared.sd_model)
         step, steps = sampler_step(denoiser.step, denoiser.total_steps, calls_per_step(denoiser))
         window = guided_steps(steps, self.params.start, self.params.end)
@@ -151,6 +151,10 @@ class NagPass:
         if key != self.negative_key:
             self.negative = self.nag.negative = self.negative_from(prompt_parser.reconstruct_cond_batch(self.schedules, denoiser_step))
             self.negative_key = key
+
+    def model_switched(self, sd_model: Any) -> bool:
+        """Whether a refiner switch replaced the model (or its checkpoint) since the pass hooked it."""
+        return sd_model is not self.model or checkpoint(sd_model) is not self.checkpoint
 
     def follow_model_switch(self, sd_model: Any) -> None:
         """A refiner switch replaced the model mid-pass (or, with the same architecture, loaded
