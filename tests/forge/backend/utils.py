@@ -7,8 +7,10 @@ def fp16_fix(x):
 
 
 def pad_to_patch_size(img, patch_size=(2, 2)):
-    """Mirrors Forge Neo's backend/utils.py pad_to_patch_size: circular padding at the end of the
-    last two dimensions up to multiples of ``patch_size``."""
-    pad_h = (patch_size[0] - img.shape[-2] % patch_size[0]) % patch_size[0]
-    pad_w = (patch_size[1] - img.shape[-1] % patch_size[1]) % patch_size[1]
-    return torch.nn.functional.pad(img, (0, pad_w, 0, pad_h), mode="circular")
+    """Mirrors Forge Neo's backend/utils.py pad_to_patch_size: circular padding at the end of each
+    dimension after the first two up to multiples of ``patch_size`` (2 of them for images, 3 for
+    Wan's and Anima's videos)."""
+    pad = ()
+    for i in range(img.ndim - 2):
+        pad = (0, (patch_size[i] - img.shape[i + 2] % patch_size[i]) % patch_size[i], *pad)
+    return torch.nn.functional.pad(img, pad, mode="circular")
