@@ -2,6 +2,6 @@
 recognisers first, the UNet (any model with cross-attention layers) last."""
 
 from ..webui.family import ModelFamily
-from . import anima, flux, mmdit, unet, wan
+from . import anima, flux, mmdit, pid, unet, wan
 
-FAMILIES: tuple[ModelFamily, ...] = (mmdit.FAMILY, flux.FAMILY, wan.FAMILY, anima.FAMILY, unet.FAMILY)
+FAMILIES: tuple[ModelFamily, ...] = (mmdit.FAMILY, flux.FAMILY, wan.FAMILY, anima.FAMILY, pid.FAMILY, unet.FAMILY)
