@@ -11,12 +11,16 @@ not positive keep exactly its output, and nothing NAG did not install is ever re
 The host says which rows of each attention call are positive (``begin_call``), from its batch
 layout; the hooks then also follow code that runs the attention on row slices of the call (Regional
 Prompter's cond/uncond halves, several times per call for its regions).
+
+A layer is described by a ``CrossAttentionLayer``: the UNet's (``to_q``/``to_k``/``to_v``/``to_out``,
+``heads``) by default; a model family with other names, a q-norm, its own K/V projection or attention
+function describes its layers itself (Wan, Anima).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -144,9 +148,60 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _weights_state(module: torch.nn.Module) -> tuple:
-    params = [*module.to_k.parameters(), *module.to_v.parameters()]
+def weights_state(modules: Sequence[torch.nn.Module]) -> tuple:
+    """What identifies the current weights of ``modules``: each parameter's storage, version, dtype
+    and device (a LoRA that edits them in place, or replaces them, changes it)."""
+    params = [p for module in modules for p in module.parameters()]
     return tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in params)
+
+
+def out_projection(module: torch.nn.Module) -> torch.nn.Module:
+    """The out-projection Linear: A1111's sdp and sub-quadratic forwards call ``to_out[0]``
+    directly rather than the ``to_out`` Sequential, so the hook goes on the Linear."""
+    return module.to_out[0] if isinstance(module.to_out, torch.nn.Sequential) else module.to_out
+
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+# The text part of the positive rows' pre-out-projection output: (their queries, the rows, the call's rows).
+TextPart = Callable[[torch.Tensor, PositiveRows, int], torch.Tensor | None]
+
+
+@dataclass(frozen=True, eq=False)
+class CrossAttentionLayer:
+    """How NAG reaches one cross-attention layer (``module``).
+
+    - ``query``: the module whose output is the query projection (a forward hook keeps the positive
+      rows'); ``query_norm``, if any, is applied to those rows (the layer's own q-norm).
+    - ``out``: the out-projection (a forward pre-hook guides its input, ``Z⁺``).
+    - ``heads``; ``attend(q, k, v, heads)`` computes ``Z⁻`` on ``[B, L, heads·head_dim]`` tensors.
+    - ``project(context)``: K⁻ and V⁻ of the NAG-negative context, by the layer's own modules; the
+      parameters of ``projections`` key the K⁻/V⁻ cache.
+    - ``text_part``: only where the out-projection's input is the text attention plus something else
+      (Wan i2v's image attention): the positive rows' text attention, recomputed; only that part is
+      guided, the rest stays as the host computed it. None: the input is the text attention.
+    """
+
+    module: torch.nn.Module
+    query: torch.nn.Module
+    out: torch.nn.Module
+    heads: int
+    project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    projections: tuple[torch.nn.Module, ...]
+    query_norm: Transform | None = None
+    attend: AttentionFunction = attention
+    text_part: TextPart | None = None
+
+    @classmethod
+    def of(cls, module: torch.nn.Module | CrossAttentionLayer) -> CrossAttentionLayer:
+        """A layer as given, or a UNet cross-attention module (``to_q``, ``to_k``, ``to_v``,
+        ``to_out``, ``heads``: ldm's and Forge's ``CrossAttention``)."""
+        if isinstance(module, CrossAttentionLayer):
+            return module
+
+        def project(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return module.to_k(context), module.to_v(context)
+
+        return cls(module, module.to_q, out_projection(module), module.heads, project, (module.to_k, module.to_v))
 
 
 @dataclass
@@ -159,23 +214,25 @@ class _KVEntry:
 
 
 class NegativeKV:
-    """K⁻/V⁻ of the NAG-negative context, projected by each module's current weights.
+    """K⁻/V⁻ of the NAG-negative context, projected by each layer's current weights.
 
     An entry is reused while the same context tensor is asked for in the same dtype and the
-    module's ``to_k``/``to_v`` parameters are the same tensors, unedited (a LoRA that edits
-    them in place, or replaces them, invalidates it).
+    layer's projection parameters (``to_k``/``to_v`` on the UNet) are the same tensors, unedited
+    (a LoRA that edits them in place, or replaces them, invalidates it).
     """
 
     def __init__(self) -> None:
         self._entries: weakref.WeakKeyDictionary[torch.nn.Module, _KVEntry] = weakref.WeakKeyDictionary()
 
-    def get(self, module: torch.nn.Module, context: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights = _weights_state(module)
-        entry = self._entries.get(module)
+    def get(
+        self, layer: torch.nn.Module | CrossAttentionLayer, context: torch.Tensor, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = CrossAttentionLayer.of(layer)
+        weights = weights_state(layer.projections)
+        entry = self._entries.get(layer.module)
         if entry is None or entry.context is not context or entry.dtype != like.dtype or entry.weights != weights:
-            projected = context.to(device=like.device, dtype=like.dtype)
-            entry = _KVEntry(context, like.dtype, weights, module.to_k(projected), module.to_v(projected))
-            self._entries[module] = entry
+            entry = _KVEntry(context, like.dtype, weights, *layer.project(context.to(device=like.device, dtype=like.dtype)))
+            self._entries[layer.module] = entry
         return entry.k, entry.v
 
 
@@ -187,21 +244,23 @@ def guide_rows(
     v_negative: torch.Tensor,
     heads: int,
     params: NagParams,
+    attend: AttentionFunction = attention,
+    text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Guide the positive rows of ``z`` (pre-out-projection, all rows) in place and return it.
 
     ``q_positive`` holds the positive rows' queries; the negative branch attends with them
-    over the K⁻/V⁻ row each one is mapped to. Other rows are left untouched.
+    over the K⁻/V⁻ row each one is mapped to. Other rows are left untouched. With ``text`` (the
+    positive rows' text attention, where ``z`` holds it plus another attention) only that part is
+    guided: ``z⁺ + NAG(text, Z⁻) − text``.
     """
-    z_negative = attention(q_positive, positive.negatives(k_negative), positive.negatives(v_negative), heads)
-    guided = nag_combine(positive.take(z), z_negative, params.scale, params.tau, params.alpha)
+    z_negative = attend(q_positive, positive.negatives(k_negative), positive.negatives(v_negative), heads)
+    if text is None:
+        guided = nag_combine(positive.take(z), z_negative, params.scale, params.tau, params.alpha)
+    else:
+        change = nag_combine(text, z_negative, params.scale, params.tau, params.alpha).float() - text.float()
+        guided = (positive.take(z).float() + change).to(z.dtype)
     return positive.put(z, guided)
-
-
-def out_projection(module: torch.nn.Module) -> torch.nn.Module:
-    """The out-projection Linear: A1111's sdp and sub-quadratic forwards call ``to_out[0]``
-    directly rather than the ``to_out`` Sequential, so the hook goes on the Linear."""
-    return module.to_out[0] if isinstance(module.to_out, torch.nn.Sequential) else module.to_out
 
 
 @dataclass
@@ -239,11 +298,12 @@ class CrossAttentionNag:
         self._call_guided = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def install(self, modules: list[torch.nn.Module]) -> None:
-        for module in modules:
-            waiting: list[_Queries] = []  # this module's latest positive queries, one at most
-            self._handles.append(module.to_q.register_forward_hook(partial(self._keep_queries, waiting)))
-            self._handles.append(out_projection(module).register_forward_pre_hook(partial(self._guide, module, waiting)))
+    def install(self, layers: Sequence[torch.nn.Module | CrossAttentionLayer]) -> None:
+        """Hook each layer: a UNet cross-attention module, or a ``CrossAttentionLayer``."""
+        for layer in map(CrossAttentionLayer.of, layers):
+            waiting: list[_Queries] = []  # this layer's latest positive queries, one at most
+            self._handles.append(layer.query.register_forward_hook(partial(self._keep_queries, layer, waiting)))
+            self._handles.append(layer.out.register_forward_pre_hook(partial(self._guide, layer, waiting)))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -262,7 +322,9 @@ class CrossAttentionNag:
             self.missed_calls += 1
         self._call = None
 
-    def _keep_queries(self, waiting: list[_Queries], _linear: torch.nn.Module, args: tuple, q: torch.Tensor) -> None:
+    def _keep_queries(
+        self, layer: CrossAttentionLayer, waiting: list[_Queries], _linear: torch.nn.Module, args: tuple, q: torch.Tensor
+    ) -> None:
         waiting.clear()
         call = self._call
         if call is None or self.negative is None or not args:
@@ -272,17 +334,22 @@ class CrossAttentionNag:
         if positive is not None:
             # A copy: the attention code owns q and may reuse its memory.
             queries = q[positive.row_span].clone() if positive.row_span else q.index_select(0, positive.rows)
+            if layer.query_norm is not None:
+                queries = layer.query_norm(queries)
             waiting.append(_Queries(q.shape[0], positive, queries))
 
-    def _guide(self, module: torch.nn.Module, waiting: list[_Queries], _linear: torch.nn.Module, args: tuple) -> tuple | None:
+    def _guide(self, layer: CrossAttentionLayer, waiting: list[_Queries], _linear: torch.nn.Module, args: tuple) -> tuple | None:
         if not waiting:
             return None
         queries = waiting.pop()
         (z, *rest) = args
         if z.dim() != 3 or z.shape[0] != queries.rows:
             return None
-        k_negative, v_negative = self.kv.get(module, self.negative, like=z)
-        guided = guide_rows(z, queries.q, queries.positive, k_negative, v_negative, module.heads, self.params)
+        text = None if layer.text_part is None else layer.text_part(queries.q, queries.positive, queries.rows)
+        if layer.text_part is not None and text is None:
+            return None
+        k_negative, v_negative = self.kv.get(layer, self.negative, like=z)
+        guided = guide_rows(z, queries.q, queries.positive, k_negative, v_negative, layer.heads, self.params, layer.attend, text)
         if not self._call_guided:
             self._call_guided = True
             self.guided_calls += 1

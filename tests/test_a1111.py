@@ -343,7 +343,7 @@ def test_an_unknown_architecture_is_skipped_with_a_console_line_and_no_infotext(
     load(make_sd_model("dit"))
     processed = run(job(spy, steps=2))
     assert "NAG" not in processed.infotexts[0]
-    assert "[NAG] skipped: FakeSdModel has no cross-attention (attn2) layers" in capsys.readouterr().out
+    assert "[NAG] skipped: NAG does not know the attention layers of FakeSdModel (TinyJointNet)" in capsys.readouterr().out
     assert not spy.calls
 
 

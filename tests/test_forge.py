@@ -260,13 +260,13 @@ def test_unsupported_models_are_named():
     flux_like = SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2))  # a DiT: no attn2 anywhere
     flux_like = SimpleNamespace(forge_objects=SimpleNamespace(unet=SimpleNamespace(model=flux_like)))
     host = ForgeHost.__new__(ForgeHost)
-    assert host.unsupported_reason(flux_like) == "SimpleNamespace has no cross-attention (attn2) layers"
+    assert host.unsupported_reason(flux_like) == "NAG does not know the attention layers of SimpleNamespace (Linear)"
     # SD3.5 Medium (MMDiT-X) names a self-attention of its x_blocks attn2: not a cross-attention
     x_block = torch.nn.Module()
     x_block.attn2 = SelfAttention()
     mmditx = torch.nn.ModuleDict({"joint_blocks": torch.nn.ModuleList([torch.nn.ModuleDict({"x_block": x_block})])})
     sd35 = SimpleNamespace(forge_objects=SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=mmditx))), is_sd3=True)
-    assert host.unsupported_reason(sd35) == "SD3 has no cross-attention (attn2) layers"
+    assert host.unsupported_reason(sd35) == "NAG does not know the attention layers of SD3 (ModuleDict)"
 
 
 def test_kv_is_computed_at_sampling_time_from_current_weights(forge_pass):

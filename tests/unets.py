@@ -26,9 +26,12 @@ def sd1_like_unet(context_dim: int = 768, model_channels: int = 32, in_channels:
     ).eval()
 
 
-def sdxl_like_unet(context_dim: int = 2048, model_channels: int = 32, adm_channels: int = SDXL_ADM_CHANNELS) -> UNetModel:
+def sdxl_like_unet(
+    context_dim: int = 2048, model_channels: int = 32, adm_channels: int = SDXL_ADM_CHANNELS, latent_channels: int = 4
+) -> UNetModel:
     """SDXL layout in miniature: linear transformers, context 2048, and the ``sequential``
-    class embedding of ``sgm``'s UNet over the 2816-wide ``vector`` (adm) input.
+    class embedding of ``sgm``'s UNet over the 2816-wide ``vector`` (adm) input (``latent_channels``
+    32: Mugen's, an SDXL UNet on Flux.2's latents).
 
     ``sgm`` is not on PyPI, so this grafts sgm's label embedding (a nested Sequential of
     Linear–SiLU–Linear) onto ``ldm``'s UNetModel, whose forward adds ``label_emb(y)`` to the
@@ -36,9 +39,9 @@ def sdxl_like_unet(context_dim: int = 2048, model_channels: int = 32, adm_channe
     """
     unet = UNetModel(
         image_size=8,
-        in_channels=4,
+        in_channels=latent_channels,
         model_channels=model_channels,
-        out_channels=4,
+        out_channels=latent_channels,
         num_res_blocks=1,
         attention_resolutions=[1, 2],
         channel_mult=[1, 2],

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from ..attention import PositiveRows
-from ..webui.a1111_rows import DenoiserPlacement, diffusion_model, first_tensor
+from ..webui.a1111_rows import DenoiserPlacement, diffusion_model
 from ..webui.family import A1111, FORGE, ModelFamily
 from ..webui.forge_patcher import ClonedPatcher, positive_chunks, positive_rows
-from ..webui.passes import CrossAttentionPass, Job
+from ..webui.passes import CrossAttentionPass, Job, first_tensor
 from ..webui.report import PassReport
 
 CROSS_ATTENTION_PARTS = ("to_q", "to_k", "to_v", "to_out")

@@ -25,20 +25,13 @@ import torch
 from ..attention import PositiveRows, repeats_with_period, row_offset
 from ..schedule import timestep_sigma
 from .conditioning import crossattn
-from .passes import Job, foreign_method
+from .passes import Job, first_tensor, foreign_method
 from .report import PassReport
 
 
 def diffusion_model(sd_model: Any) -> torch.nn.Module | None:
     """The model A1111 samples with: the UNet (``DiffusionWrapper``/``OpenAIWrapper``'s), or SD3's MMDiT."""
     return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
-
-
-def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """A call's input rows: its first positional argument, or ``x``; None if another extension
-    passed them otherwise (then the call is not placed)."""
-    x = args[0] if args else kwargs.get("x")
-    return x if isinstance(x, torch.Tensor) else None
 
 
 def slice_rows(value: Any, rows: int, keep: int) -> Any:

@@ -8,17 +8,20 @@ stand, and the pass's own clone of the UNet patcher.
 - ``ClonedPatcher``: a pass samples on its own clone of ``p.sd_model.forge_objects.unet``, put back at
   the end of the pass, and follows the step window (``active``).
 - ``ForgeModelPass``: NAG that runs the whole model, as an object patch of its entry point on that clone.
+- ``HookedLayerRows``: for cross-attention layers that get no ``attn2_patch`` (Wan, Anima): the rows of
+  each model call, from a pre-hook on the diffusion model, announced by a pre-hook on each layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from ..attention import PositiveRows, repeats_with_period
-from .passes import Forward, Job, ModelPass, OnCall, foreign_method
+from ..attention import CrossAttentionLayer, PositiveRows, repeats_with_period
+from .passes import Forward, Job, ModelPass, OnCall, first_tensor, foreign_method
 from .report import PassReport
 
 COND = 0  # cond_or_uncond label of a positive chunk
@@ -148,3 +151,90 @@ class ForgeModelPass(ClonedPatcher, ModelPass):
 
     def unhook(self) -> None:
         self.active = False
+
+
+def reloaded_checkpoint() -> Any:
+    """Forge Neo's fast refiner (``refiner_fast_sd``) loads the refiner's weights into the model in
+    place, keeping the model, its patcher and its checkpoint info: the filename it then keeps in
+    ``sd_samplers_common.ORIGINAL_CHECKPOINT`` tells. None on other hosts, and before the switch."""
+    return getattr(sys.modules.get("modules.sd_samplers_common"), "ORIGINAL_CHECKPOINT", None)
+
+
+class HookedLayerRows:
+    """For a cross-attention pass (``passes.CrossAttentionPass``) on a Forge model whose layers get no
+    ``attn2_patch`` (Wan, Anima): a forward pre-hook on the diffusion model reads each call's
+    ``transformer_options`` and places its rows (the cond chunks of ``cond_or_uncond``, as
+    ``positive_rows``); a pre-hook on each layer starts the layer's call with them (``begin_call``),
+    a forward hook ends it. Outside the step window (``active``) every call runs as the host's. Hooks
+    only, on the model itself: nothing is patched on the patcher, and ``unhook`` leaves nothing.
+    Neo's fast refiner, which loads new weights into the same modules, counts as a model switch (the
+    NAG negative's K⁻/V⁻ are projected again by the new weights)."""
+
+    def __init__(self, job: Job, report: PassReport) -> None:
+        self.active = False
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.model_call: tuple[bool, PositiveRows | None] | None = None  # (placed, positive rows) of an active call
+        self.weights_from: Any = None
+        super().__init__(job, report)
+
+    def layers(self, model: torch.nn.Module) -> Sequence[CrossAttentionLayer]:
+        """The model's cross-attention layers, as NAG reaches them."""
+        raise NotImplementedError
+
+    def negative_for_call(self, context: torch.Tensor) -> Any:
+        """The NAG negative the layers project, for a guided call whose context is ``context``."""
+        return self.negative
+
+    def hook(self, sd_model: Any) -> bool:
+        model = diffusion_model(sd_model)
+        layers = [] if model is None else self.layers(model)
+        self.report.layers = len(layers)
+        if not layers:
+            return False
+        self.weights_from = reloaded_checkpoint()
+        self.nag.install(layers)
+        self.handles.append(model.register_forward_pre_hook(self.begin_model_call, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self.end_model_call))
+        for layer in layers:
+            self.handles.append(layer.module.register_forward_pre_hook(self.begin_layer_call, with_kwargs=True))
+            self.handles.append(layer.module.register_forward_hook(self.end_layer_call))
+        return True
+
+    def unhook(self) -> None:
+        self.nag.remove()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.model_call = None
+
+    def model_switched(self, sd_model: Any) -> bool:
+        return super().model_switched(sd_model) or reloaded_checkpoint() != self.weights_from
+
+    def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
+        self.active = active
+
+    def begin_model_call(self, _model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = first_tensor(args, kwargs)
+        self.model_call = None
+        if not self.active or x is None:
+            return
+        context = kwargs.get("context", args[2] if len(args) > 2 else None)
+        placed, positive = positive_rows(x, context, kwargs.get("transformer_options") or {})
+        if positive is not None:
+            self.nag.negative = self.negative_for_call(context)
+        self.model_call = placed, positive
+
+    def end_model_call(self, *_args: Any) -> None:
+        self.model_call = None
+
+    def begin_layer_call(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x, call = first_tensor(args, kwargs), self.model_call
+        if call is None or x is None:
+            self.nag.begin_call(x, None)
+            return
+        placed, positive = call
+        self.report.count_call(placed, positive is not None)
+        self.nag.begin_call(x, positive if placed else None)
+
+    def end_layer_call(self, *_args: Any) -> None:
+        self.nag.end_call()

@@ -166,11 +166,13 @@ class NagHost:
         return None if family is None else family.passes[self.kind]
 
     def unsupported_reason(self, sd_model: Any) -> str:
-        """Why NAG cannot run on this model, for the console line."""
+        """Why NAG cannot run on this model, for the console line: a family's reason for a variant it
+        does not run (also a family no host runs), else the model and its network named."""
         model = self.diffusion_model(sd_model)
-        alike = (f.unsupported(model) for f in self.families if self.kind in f.passes and model is not None)
+        alike = (f.unsupported(model) for f in self.families if (self.kind in f.passes or not f.passes) and model is not None)
         name = "SD3" if getattr(sd_model, "is_sd3", False) else model_name(sd_model)
-        return next((reason for reason in alike if reason), f"{name} has no cross-attention (attn2) layers")
+        network = "" if model is None else f" ({type(model).__name__})"
+        return next((reason for reason in alike if reason), f"NAG does not know the attention layers of {name}{network}")
 
     def start_job(self, p: Any, args: tuple) -> None:
         if self.live is not None:  # a pass installed outside p.sample (A1111 < 1.10) by a job that then failed

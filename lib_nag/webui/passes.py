@@ -30,6 +30,13 @@ class Job(Protocol):
     negative: NegativeConditioning
 
 
+def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A call's input rows: its first positional argument, or ``x``; None if another extension
+    passed them otherwise (then the call is not placed)."""
+    x = args[0] if args else kwargs.get("x")
+    return x if isinstance(x, torch.Tensor) else None
+
+
 def checkpoint(sd_model: Any) -> Any:
     return getattr(sd_model, "sd_checkpoint_info", None)
 
@@ -128,7 +135,7 @@ class NagPass:
         denoiser = getattr(params, "denoiser", None) or getattr(getattr(self.job.p, "sampler", None), "model_wrap_cfg", None)
         if denoiser is None or getattr(denoiser, "p", None) is not self.job.p:
             return
-        if shared.sd_model is not self.model or checkpoint(shared.sd_model) is not self.checkpoint:
+        if self.model_switched(shared.sd_model):
             self.follow_model_switch(shared.sd_model)
         step, steps = sampler_step(denoiser.step, denoiser.total_steps, calls_per_step(denoiser))
         window = guided_steps(steps, self.params.start, self.params.end)
@@ -166,6 +173,10 @@ class NagPass:
         if key != self.negative_key:
             self.negative = self.nag.negative = self.negative_from(prompt_parser.reconstruct_cond_batch(self.schedules, denoiser_step))
             self.negative_key = key
+
+    def model_switched(self, sd_model: Any) -> bool:
+        """Whether a refiner switch replaced the model (or its checkpoint) since the pass hooked it."""
+        return sd_model is not self.model or checkpoint(sd_model) is not self.checkpoint
 
     def follow_model_switch(self, sd_model: Any) -> None:
         """A refiner switch replaced the model mid-pass (or, with the same architecture, loaded

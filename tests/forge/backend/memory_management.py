@@ -1,5 +1,5 @@
-"""Stand-in of Forge Neo's ``backend/memory_management.py``: the two helpers its ERNIE-Image and Krea 2
-models import (exo101/sd-webui-forge-neo-v3 @ 5692d2d1), on a CPU-only machine."""
+"""Stand-in of Forge Neo's ``backend/memory_management.py``: the helpers its ERNIE-Image, Krea 2 and
+Wan models import (exo101/sd-webui-forge-neo-v3 @ 5692d2d1), on a CPU-only machine."""
 
 import torch
 
@@ -14,3 +14,8 @@ def cast_to(weight, dtype=None, device=None, non_blocking=False, copy=False, *, 
     if (device is None or weight.device == torch.device(device)) and not copy and (dtype is None or weight.dtype == dtype):
         return weight
     return weight.to(dtype=dtype, device=device, copy=copy)
+
+
+def cast_to_device(tensor, device, dtype, copy=False):
+    """Neo: a copy in the given dtype on the given device, as ``Tensor.to``."""
+    return tensor.to(device=device, dtype=dtype, copy=copy)
