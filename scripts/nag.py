@@ -4,7 +4,7 @@ import modules.scripts as scripts
 from modules import script_callbacks
 
 from lib_nag.hosts import HOST
-from lib_nag.script import ui, xyz
+from lib_nag.script import api_check, ui, xyz
 
 
 class NagScript(scripts.Script):
@@ -39,3 +39,4 @@ class NagScript(scripts.Script):
 
 script_callbacks.on_before_ui(xyz.register_axes)
 script_callbacks.on_script_unloaded(HOST.unload)
+script_callbacks.on_app_started(api_check.install)

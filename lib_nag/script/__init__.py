@@ -1,1 +1,2 @@
-"""The script's parts: the NAG accordion (``ui``) and the XYZ-plot axes (``xyz``)."""
+"""The script's parts: the NAG accordion (``ui``), the XYZ-plot axes (``xyz``) and the API routes'
+check of a request's NAG entry (``api_check``)."""

@@ -192,9 +192,25 @@ class FakeSdModel(nn.Module):
         return CompVisDenoiser(self)
 
 
-def make_sd_model(family: str, seed: int = 0) -> FakeSdModel:
-    """A new fake checkpoint of ``family`` (sd1, sd2, sdxl, sdxl_refiner, edit, sd3) with its own checkpoint info."""
+class PooledUNet(nn.Module):
+    """A UNet run on the latent averaged down to ``side``×``side``, its output scaled back up (nearest):
+    a job at the WebUI's default 512² costs what a 64² one does. The UNet's modules are unchanged."""
+
+    def __init__(self, unet: nn.Module, side: int = 8):
+        super().__init__()
+        self.unet, self.side = unet, side
+
+    def forward(self, x, timesteps=None, **kwargs):
+        out = self.unet(nn.functional.adaptive_avg_pool2d(x, self.side), timesteps, **kwargs)
+        return nn.functional.interpolate(out, size=x.shape[-2:], mode="nearest")
+
+
+def make_sd_model(family: str, seed: int = 0, *, pooled: bool = False) -> FakeSdModel:
+    """A new fake checkpoint of ``family`` (sd1, sd2, sdxl, sdxl_refiner, edit, sd3) with its own
+    checkpoint info; ``pooled``: its UNet sees an 8×8 latent whatever the image size (``PooledUNet``)."""
     model = FakeSdModel(family, seed)
     if family in ("sd3", "dit"):
         model.create_denoiser = model.create_denoiser_for_sd3
+    if pooled:
+        model.model.diffusion_model = PooledUNet(model.model.diffusion_model)
     return model

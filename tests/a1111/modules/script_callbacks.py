@@ -135,6 +135,11 @@ def _run(category: str, *args, reverse: bool = False) -> None:
             report_exception(c, category)
 
 
+def app_started_callback(demo, app) -> None:
+    """Mirrors script_callbacks.app_started_callback (v1.10.1)."""
+    _run("app_started", demo, app)
+
+
 def cfg_denoiser_callback(params: CFGDenoiserParams) -> None:
     """Mirrors script_callbacks.cfg_denoiser_callback (v1.10.1)."""
     _run("cfg_denoiser", params)
@@ -184,6 +189,11 @@ def remove_callbacks_for_function(callback_func) -> None:
 
 def _register(category: str, callback, name: str | None) -> None:
     add_callback(callback_map[f"callbacks_{category}"], callback, name=name, category=category, filename=_caller_file())
+
+
+def on_app_started(callback, *, name: str | None = None) -> None:
+    """Mirrors script_callbacks.on_app_started (v1.10.1)."""
+    _register("app_started", callback, name)
 
 
 def on_cfg_denoiser(callback, *, name: str | None = None) -> None:

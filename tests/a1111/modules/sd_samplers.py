@@ -22,3 +22,11 @@ def create_sampler(name, model):
     sampler = config.constructor(model)
     sampler.config = config
     return sampler
+
+
+def get_sampler_and_scheduler(sampler_name, scheduler_name):
+    """Mirrors sd_samplers.get_sampler_and_scheduler (v1.10.1) without schedulers (the stand-in has only
+    the model's own, "Automatic"): a sampler name the registry does not have gives the first sampler
+    (the host's DPM++ 2M; here Euler), as in the host."""
+    sampler = all_samplers_map.get(sampler_name or all_samplers[0].name, all_samplers[0])
+    return sampler.name, "Automatic"
