@@ -39,7 +39,8 @@ from ..webui.conditioning import crossattn
 from ..webui.family import FORGE, ModelFamily
 from ..webui.forge_patcher import RowsOf
 from ..webui.passes import Forward, OnCall
-from .neo_single_stream import Anatomy, BlockCall, NeoSingleStreamPass, Runner, patched_forward
+from .neo_single_stream import Anatomy, BlockCall
+from .runner import Runner, RunnerPass, patched_forward
 
 Modulation = list[torch.Tensor]  # shift, scale, gate before the attention; shift, scale, gate before the MLP: [rows, 1, D]
 
@@ -154,8 +155,8 @@ def nag_forward(
     model: torch.nn.Module, negative: Callable[[], Any], params: NagParams, rows_of: RowsOf, on_call: OnCall | None = None
 ) -> Forward:
     """A replacement for the ``ErnieImageModel``'s ``forward`` that guides the positive rows with NAG
-    (see ``neo_single_stream.Runner``); ``negative()`` is ``[images, tokens, 3072]``."""
-    return patched_forward(_NagRunner(model, negative, params, rows_of, on_call))
+    (see ``runner.Runner``); ``negative()`` is ``[images, tokens, 3072]``."""
+    return patched_forward(_NagRunner(model, negative, params, rows_of, on_call).forward)
 
 
 ANATOMY = Anatomy(
@@ -171,7 +172,7 @@ ANATOMY = Anatomy(
 )  # fmt: skip
 
 
-class ErniePass(NeoSingleStreamPass):
+class ErniePass(RunnerPass):
     """NAG on an ERNIE-Image model for one sampling pass."""
 
     runner = _NagRunner

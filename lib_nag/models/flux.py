@@ -35,8 +35,9 @@ from ..params import NagParams
 from ..webui.conditioning import crossattn
 from ..webui.family import FORGE, ModelFamily
 from ..webui.forge_patcher import ForgeModelPass, forge_rows
-from ..webui.passes import NAG_FORWARD, Forward, OnCall
+from ..webui.passes import Forward, OnCall
 from .flux_blocks import BlockCall, Inputs, Modulations, chroma_modulations, flux_modulations, run_blocks, scale_and_shift, unchanged
+from .runner import patched_forward
 
 STOOD_ASIDE = "a ControlNet, attention mask or block patch on the call, which NAG's own run of the blocks would leave out"
 
@@ -233,13 +234,7 @@ def nag_forward(
     is told, for each active call, whether it was guided, and if not, why ("": its rows could not
     be placed).
     """
-    entry = getattr(_NagRunner(model, negative, params, is_active, on_guided, modulations_of), entry_point(model))
-
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return entry(*args, **kwargs)
-
-    setattr(forward, NAG_FORWARD, True)
-    return forward
+    return patched_forward(getattr(_NagRunner(model, negative, params, is_active, on_guided, modulations_of), entry_point(model)))
 
 
 def is_joint_transformer(model: Any) -> bool:

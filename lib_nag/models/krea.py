@@ -39,7 +39,8 @@ from ..webui.conditioning import crossattn
 from ..webui.family import FORGE, ModelFamily
 from ..webui.forge_patcher import RowsOf
 from ..webui.passes import Forward, OnCall
-from .neo_single_stream import Anatomy, BlockCall, NeoSingleStreamPass, Runner, patched_forward
+from .neo_single_stream import Anatomy, BlockCall
+from .runner import Runner, RunnerPass, patched_forward
 
 STOOD_ASIDE = "reference latents on the call, which NAG's own run of the blocks would leave out"
 
@@ -163,8 +164,8 @@ def nag_forward(
     model: torch.nn.Module, negative: Callable[[], Any], params: NagParams, rows_of: RowsOf, on_call: OnCall | None = None
 ) -> Forward:
     """A replacement for the ``SingleStreamDiT``'s ``forward`` that guides the positive rows with NAG
-    (see ``neo_single_stream.Runner``); ``negative()`` is ``[images, 1, tokens, 12·2560]``."""
-    return patched_forward(_NagRunner(model, negative, params, rows_of, on_call))
+    (see ``runner.Runner``); ``negative()`` is ``[images, 1, tokens, 12·2560]``."""
+    return patched_forward(_NagRunner(model, negative, params, rows_of, on_call).forward)
 
 
 ANATOMY = Anatomy(
@@ -180,7 +181,7 @@ ANATOMY = Anatomy(
 )  # fmt: skip
 
 
-class KreaPass(NeoSingleStreamPass):
+class KreaPass(RunnerPass):
     """NAG on a Krea 2 model for one sampling pass; the NAG negative is encoded as the engine encodes a
     negative prompt."""
 

@@ -23,7 +23,6 @@ ControlNet (``control``), with which NAG stands aside. qk-norm (SD3.5) is inside
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +34,10 @@ from ..joint_attention import QKV, Attend, double_stream_attention
 from ..params import NagParams
 from ..webui.a1111_rows import DenoiserPlacement, diffusion_model
 from ..webui.family import A1111, FORGE, ModelFamily
-from ..webui.forge_patcher import ForgeModelPass, RowsOf, forge_rows
-from ..webui.passes import NAG_FORWARD, Forward, Job, ModelPass, OnCall, foreign_method
+from ..webui.forge_patcher import RowsOf
+from ..webui.passes import Forward, Job, ModelPass, OnCall, foreign_method
 from ..webui.report import PassReport
+from .runner import Runner, RunnerPass, patched_forward
 
 STOOD_ASIDE = "a ControlNet on the call, which NAG's own run of the blocks would leave out"
 
@@ -117,19 +117,8 @@ def _joint_block(block: torch.nn.Module, streams: Streams, vectors: tuple[torch.
     )
 
 
-class _NagRunner:
+class _NagRunner(Runner):
     """The guided ``forward`` of one model."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        negative: Callable[[], dict[str, torch.Tensor]],
-        params: NagParams,
-        rows_of: RowsOf,
-        on_call: OnCall | None,
-    ) -> None:
-        self.model, self.negative, self.params, self.rows_of, self.on_call = model, negative, params, rows_of, on_call
-        self.attention: HostAttention = sys.modules[type(model).__module__].attention
 
     def positive(self, x: torch.Tensor, context: torch.Tensor, kwargs: dict[str, Any]) -> PositiveRows | None:
         positive = self.rows_of(x, context, kwargs)
@@ -137,10 +126,6 @@ class _NagRunner:
             self.told(False, STOOD_ASIDE)
             return None
         return positive
-
-    def told(self, guided: bool, why: str) -> None:
-        if self.on_call is not None:
-            self.on_call(guided, why)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, context: torch.Tensor | None = None, **kwargs: Any
@@ -160,7 +145,7 @@ class _NagRunner:
             vectors = (time + model.y_embedder(y), vectors[1] + model.y_embedder(pooled_negative))
         context_negative = positive.negatives(conditioning["crossattn"].to(context))
         streams: Streams = (model.context_embedder(context), model.context_embedder(context_negative), image)
-        call = _Call(positive, self.attention, self.params, (kwargs.get("transformer_options") or {}).get("skip_layers", []))
+        call = _Call(positive, self.host.attention, self.params, (kwargs.get("transformer_options") or {}).get("skip_layers", []))
         for index, block in enumerate(model.joint_blocks):
             if index not in call.skip_layers:
                 streams = _joint_block(block, streams, vectors, call)
@@ -184,13 +169,7 @@ def nag_forward(
     ``transformer_options`` (``forge_rows``). ``on_call`` is told, for each call that has positive
     rows, whether it was guided, and if not, why.
     """
-    runner = _NagRunner(model, negative, params, rows_of, on_call)
-
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return runner.forward(*args, **kwargs)
-
-    setattr(forward, NAG_FORWARD, True)
-    return forward
+    return patched_forward(_NagRunner(model, negative, params, rows_of, on_call).forward)
 
 
 def _no_rows(*_call: Any) -> None:
@@ -201,13 +180,10 @@ def _joint_blocks(model: torch.nn.Module) -> str:
     return f"{len(model.joint_blocks)} joint blocks"
 
 
-class ForgeMMDiTPass(ForgeModelPass):
-    """NAG on an SD3.5 model in Forge for one sampling pass (``nag_forward`` as the object patch)."""
+class ForgeMMDiTPass(RunnerPass):
+    """NAG on an SD3.5 model in Forge for one sampling pass (the runner's forward as the object patch)."""
 
-    def nag_forward(self, model: torch.nn.Module) -> Forward:
-        count = self.nag.count(self.report)
-        rows = forge_rows(self.weak(lambda nag_pass: nag_pass.active, False), count)
-        return nag_forward(model, self.weak(lambda nag_pass: nag_pass.nag.negative), self.params, rows, count)
+    runner = _NagRunner
 
     def hooked_text(self, model: torch.nn.Module) -> str:
         return _joint_blocks(model)

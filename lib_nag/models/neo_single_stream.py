@@ -1,14 +1,14 @@
 """What Forge Neo's single-stream families share (``ernie``: ERNIE-Image, ``krea``: Krea 2): a guided
 ``forward`` that runs the model's blocks with the NAG rows as their text alone (the modulation of these
 models carries no text, see ``lib_nag.joint_attention.single_stream_text_attention``), set as an object
-patch of the model's ``forward`` on the pass's cloned patcher. A family module writes its ``Runner``
-(the model's forward with the NAG rows) and its block, names its pass's runner, and lists the parts of the
-model NAG calls (``Anatomy``), by which the family recognises its models."""
+patch of the model's ``forward`` on the pass's cloned patcher (``runner.RunnerPass``). A family module
+writes its ``runner.Runner`` (the model's forward with the NAG rows) and its block, names its pass's
+runner, and lists the parts of the model NAG calls (``Anatomy``), by which the family recognises its
+models."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +17,6 @@ import torch
 from ..attention import PositiveRows
 from ..joint_attention import QKV, Attend, single_stream_text_attention
 from ..params import NagParams
-from ..webui.forge_patcher import ForgeModelPass, RowsOf, forge_rows
-from ..webui.passes import NAG_FORWARD, Forward, OnCall
 
 
 @dataclass(frozen=True)
@@ -40,48 +38,6 @@ class BlockCall:
         return single_stream_text_attention(
             qkv, text_negative, self.text_tokens, self.text_first, self.positive, self.pe, self.pe_negative, self.attend, self.params
         )
-
-
-class Runner:
-    """The guided ``forward`` of one model; a family's subclass defines ``forward``, which asks
-    ``rows_of(x, context, kwargs)`` for the call's positive rows and runs the model's own ``forward``
-    when there are none. ``negative()`` is the NAG negative now (one row per image); ``on_call`` is told,
-    for each call with positive rows, whether it was guided and if not, why. ``host`` is the model's
-    module, whose functions (RoPE, attention) NAG calls as the model does."""
-
-    def __init__(
-        self, model: torch.nn.Module, negative: Callable[[], Any], params: NagParams, rows_of: RowsOf, on_call: OnCall | None = None
-    ) -> None:
-        self.model, self.negative, self.params, self.rows_of, self.on_call = model, negative, params, rows_of, on_call
-        self.host = sys.modules[type(model).__module__]
-
-    def told(self, guided: bool, why: str) -> None:
-        if self.on_call is not None:
-            self.on_call(guided, why)
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def patched_forward(runner: Runner) -> Forward:
-    """``runner.forward`` as the model's ``forward``, marked as NAG's."""
-
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return runner.forward(*args, **kwargs)
-
-    setattr(forward, NAG_FORWARD, True)
-    return forward
-
-
-class NeoSingleStreamPass(ForgeModelPass):
-    """NAG on one of these models for one sampling pass: its ``runner``'s forward as the object patch."""
-
-    runner: type[Runner] = Runner
-
-    def nag_forward(self, model: torch.nn.Module) -> Forward:
-        count = self.nag.count(self.report)
-        rows = forge_rows(self.weak(lambda nag_pass: nag_pass.active, False), count)
-        return patched_forward(self.runner(model, self.weak(lambda nag_pass: nag_pass.nag.negative), self.params, rows, count))
 
 
 def _has(owner: Any, path: str) -> bool:

@@ -42,7 +42,6 @@ engine then gives it the negative system template, as its CFG negative; Z-Image'
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,8 +52,9 @@ from ..attention import PositiveRows
 from ..joint_attention import QKV, single_stream_text_attention
 from ..params import NagParams
 from ..webui.family import FORGE, ModelFamily
-from ..webui.forge_patcher import ForgeModelPass, forge_rows
-from ..webui.passes import NAG_FORWARD, Forward, OnCall
+from ..webui.forge_patcher import forge_rows
+from ..webui.passes import Forward, OnCall
+from .runner import Runner, RunnerPass, patched_forward
 
 STOOD_ASIDE = "a ControlNet, attention mask, block patch or RoPE option on the call, which NAG's own run of the layers would leave out"
 PARTS = ("x_embedder", "cap_embedder", "t_embedder", "context_refiner", "noise_refiner", "layers", "final_layer", "rope_embedder")
@@ -143,20 +143,8 @@ def _runs_layers_only(named: dict[str, Any]) -> bool:
     return named["attention_mask"] is None and named.get("kwargs", {}).get("control") is None and not replaced
 
 
-class _NagRunner:
+class _NagRunner(Runner):
     """The guided ``forward`` of one model."""
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        negative: Callable[[], torch.Tensor],
-        params: NagParams,
-        is_active: Callable[[dict], bool],
-        on_guided: OnCall | None,
-    ) -> None:
-        self.model, self.negative, self.params, self.on_guided = model, negative, params, on_guided
-        self.rows_of = forge_rows(is_active, on_guided)
-        self.host = sys.modules[type(model).__module__]
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         model = self.model
@@ -165,14 +153,12 @@ class _NagRunner:
         named = call.arguments
         positive = self.rows_of(named["x"], named["context"], named)
         if positive is not None and not _runs_layers_only(named):
-            if self.on_guided is not None:
-                self.on_guided(False, STOOD_ASIDE)
+            self.told(False, STOOD_ASIDE)
             positive = None
         if positive is None:
             return type(model).forward(*call.args, **call.kwargs)
         out = self.guided(named["x"], named["timesteps"], named["context"], positive, named["transformer_options"])
-        if self.on_guided is not None:
-            self.on_guided(True, "")
+        self.told(True, "")
         return out
 
     def nag_text(
@@ -225,13 +211,7 @@ def nag_forward(
     says whether NAG guides this call (the step window). The call's rows are placed from
     ``cond_or_uncond`` (whole copies of the batch too); ``on_guided`` is told, for each active call,
     whether it was guided, and if not, why ("": its rows could not be placed)."""
-    runner = _NagRunner(model, negative, params, is_active, on_guided)
-
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return runner.forward(*args, **kwargs)
-
-    setattr(forward, NAG_FORWARD, True)
-    return forward
+    return patched_forward(_NagRunner(model, negative, params, forge_rows(is_active, on_guided), on_guided).forward)
 
 
 def _looks_like_nextdit(model: Any) -> bool:
@@ -259,16 +239,13 @@ def is_nextdit(model: Any) -> bool:
     return _looks_like_nextdit(model) and not unsupported_nextdit(model)
 
 
-class NextDiTPass(ForgeModelPass):
-    """NAG on a Z-Image or Lumina 2 model for one sampling pass (``nag_forward`` as the object patch).
+class NextDiTPass(RunnerPass):
+    """NAG on a Z-Image or Lumina 2 model for one sampling pass (the runner's forward as the object patch).
     The NAG negative is encoded as a negative prompt: Lumina 2's engine picks its system template by
     ``is_negative_prompt`` (the host's negatives get the "low-quality" one); Z-Image's ignores it."""
 
     encodes_as_negative_prompt = True
-
-    def nag_forward(self, model: torch.nn.Module) -> Forward:
-        negative, active = self.weak(lambda nag_pass: nag_pass.nag.negative), self.weak(lambda nag_pass: nag_pass.active, False)
-        return nag_forward(model, negative, self.params, active, self.nag.count(self.report))
+    runner = _NagRunner
 
     def hooked_text(self, model: torch.nn.Module) -> str:
         return f"{len(model.context_refiner)} context-refiner + {len(model.layers)} single-stream layers"

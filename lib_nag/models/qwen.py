@@ -49,8 +49,9 @@ from ..joint_attention import QKV, Attend, double_stream_attention
 from ..params import NagParams
 from ..webui.conditioning import crossattn
 from ..webui.family import FORGE, ModelFamily
-from ..webui.forge_patcher import ForgeModelPass, RowsOf, forge_rows
-from ..webui.passes import NAG_FORWARD, Forward, OnCall
+from ..webui.forge_patcher import RowsOf
+from ..webui.passes import Forward, OnCall
+from .runner import Runner, RunnerPass, patched_forward
 
 MODEL, BLOCK = "QwenImageTransformer2DModel", "QwenImageTransformerBlock"
 HOST_FUNCTIONS = ("attention_function", "apply_rotary_emb", "dynamic_args")  # what NAG calls of the model's module
@@ -153,18 +154,8 @@ def _rows_of_references(references: list[torch.Tensor] | None, x: torch.Tensor) 
     return [ref.to(x).expand(rows, *ref.shape[1:]).contiguous() if ref.shape[0] == 1 else ref for ref in references]
 
 
-class _NagRunner:
+class _NagRunner(Runner):
     """The guided ``forward`` of one model."""
-
-    def __init__(
-        self, model: torch.nn.Module, negative: Callable[[], Any], params: NagParams, rows_of: RowsOf, on_call: OnCall | None
-    ) -> None:
-        self.model, self.negative, self.params, self.rows_of, self.on_call = model, negative, params, rows_of, on_call
-        self.host = sys.modules[type(model).__module__]
-
-    def told(self, guided: bool, why: str) -> None:
-        if self.on_call is not None:
-            self.on_call(guided, why)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Neo's ``forward(x, timesteps, context, attention_mask=None, guidance=None, ref_latents=None,
@@ -210,13 +201,7 @@ def nag_forward(
     ``forge_rows``) or None, and then the model's own ``forward`` runs. ``on_call`` is told, for each
     call with positive rows, whether it was guided, and if not, why.
     """
-    runner = _NagRunner(model, negative, params, rows_of, on_call)
-
-    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return runner.forward(*args, **kwargs)
-
-    setattr(forward, NAG_FORWARD, True)
-    return forward
+    return patched_forward(_NagRunner(model, negative, params, rows_of, on_call).forward)
 
 
 def _is_named(cls: type, name: str) -> bool:
@@ -240,17 +225,13 @@ def unsupported_qwen_image(model: Any) -> str:
     return ""
 
 
-class QwenImagePass(ForgeModelPass):
-    """NAG on a Qwen-Image model for one sampling pass (``nag_forward`` as the object patch). The NAG
-    negative is encoded as a negative prompt: Neo's engine encodes a positive one with the reference
+class QwenImagePass(RunnerPass):
+    """NAG on a Qwen-Image model for one sampling pass (the runner's forward as the object patch). The
+    NAG negative is encoded as a negative prompt: Neo's engine encodes a positive one with the reference
     images and replaces the reference latents the model reads."""
 
     encodes_as_negative_prompt = True
-
-    def nag_forward(self, model: torch.nn.Module) -> Forward:
-        count = self.nag.count(self.report)
-        rows = forge_rows(self.weak(lambda nag_pass: nag_pass.active, False), count)
-        return nag_forward(model, self.weak(lambda nag_pass: nag_pass.nag.negative), self.params, rows, count)
+    runner = _NagRunner
 
     def hooked_text(self, model: torch.nn.Module) -> str:
         return f"{len(model.transformer_blocks)} double-stream blocks"
