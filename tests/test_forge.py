@@ -248,6 +248,41 @@ def test_refiner_switch_patches_the_new_model(forge_pass):
     assert forge_pass.nag.guided_calls == 7
 
 
+def test_a_fast_refiner_loading_weights_in_place_reprojects_the_nag_negative(monkeypatch):
+    """Forge Neo's fast refiner (``refiner_fast_sd``) loads the refiner's weights into the same modules,
+    built in inference mode, so no pointer or version counter changes; Neo then keeps the first
+    checkpoint's name in ``sd_samplers_common.ORIGINAL_CHECKPOINT``. NAG moves to the new weights, and
+    at the end of the pass the patcher NAG found is put back."""
+    from modules import sd_samplers_common
+
+    schedules = negative_schedules()
+    context = torch.randn(2 * IMAGES, 77, 768)
+    with torch.inference_mode():
+        base, refiner = randomize_outputs(sd1_like_unet()), randomize_outputs(sd1_like_unet())
+        outputs = {}
+        for seen in (False, True):
+            base_weights = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+            shared.sd_model = forge_model(base)
+            original = shared.sd_model.forge_objects.unet
+            nag_pass = new_pass(schedules=schedules)
+            denoiser_step(nag_pass, 0)
+            unet_call([1, 0], context)
+            base.load_state_dict(refiner.state_dict())
+            monkeypatch.setattr(sd_samplers_common, "ORIGINAL_CHECKPOINT", "base.safetensors" if seen else None, raising=False)
+            denoiser_step(nag_pass, 1)
+            outputs[seen] = unet_call([1, 0], context)[0]
+            nag_pass.close()
+            assert shared.sd_model.forge_objects.unet is original and all_hooks_gone(base)
+            monkeypatch.setattr(sd_samplers_common, "ORIGINAL_CHECKPOINT", None)
+            fresh = new_pass(schedules=schedules)  # a pass that starts on the refiner's weights
+            denoiser_step(fresh, 1)
+            expected = unet_call([1, 0], context)[0]
+            fresh.close()
+            base.load_state_dict(base_weights)
+    assert torch.equal(outputs[True], expected)
+    assert not torch.equal(outputs[False], expected)  # the K⁻/V⁻ of the first weights, kept
+
+
 class SelfAttention(torch.nn.Module):
     """Shaped like Forge's mmditx.SelfAttention (dfdcbab6): fused qkv, proj."""
 

@@ -14,7 +14,6 @@ stand, and the pass's own clone of the UNet patcher.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -111,7 +110,7 @@ class ClonedPatcher:
     def close(self) -> None:
         super().close()
         self.active = False  # a clone another extension copied from ours may outlive the pass
-        for sd_model, clone, original in self.patched:
+        for sd_model, clone, original in reversed(self.patched):  # a clone of an earlier clone goes first
             if sd_model.forge_objects.unet is clone:
                 sd_model.forge_objects.unet = original
         self.patched = []
@@ -153,28 +152,18 @@ class ForgeModelPass(ClonedPatcher, ModelPass):
         self.active = False
 
 
-def reloaded_checkpoint() -> Any:
-    """Forge Neo's fast refiner (``refiner_fast_sd``) loads the refiner's weights into the model in
-    place, keeping the model, its patcher and its checkpoint info: the filename it then keeps in
-    ``sd_samplers_common.ORIGINAL_CHECKPOINT`` tells. None on other hosts, and before the switch."""
-    return getattr(sys.modules.get("modules.sd_samplers_common"), "ORIGINAL_CHECKPOINT", None)
-
-
 class HookedLayerRows:
     """For a cross-attention pass (``passes.CrossAttentionPass``) on a Forge model whose layers get no
     ``attn2_patch`` (Wan, Anima): a forward pre-hook on the diffusion model reads each call's
     ``transformer_options`` and places its rows (the cond chunks of ``cond_or_uncond``, as
     ``positive_rows``); a pre-hook on each layer starts the layer's call with them (``begin_call``),
     a forward hook ends it. Outside the step window (``active``) every call runs as the host's. Hooks
-    only, on the model itself: nothing is patched on the patcher, and ``unhook`` leaves nothing.
-    Neo's fast refiner, which loads new weights into the same modules, counts as a model switch (the
-    NAG negative's K⁻/V⁻ are projected again by the new weights)."""
+    only, on the model itself: nothing is patched on the patcher, and ``unhook`` leaves nothing."""
 
     def __init__(self, job: Job, report: PassReport) -> None:
         self.active = False
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.model_call: tuple[bool, PositiveRows | None] | None = None  # (placed, positive rows) of an active call
-        self.weights_from: Any = None
         super().__init__(job, report)
 
     def layers(self, model: torch.nn.Module) -> Sequence[CrossAttentionLayer]:
@@ -191,7 +180,6 @@ class HookedLayerRows:
         self.report.layers = len(layers)
         if not layers:
             return False
-        self.weights_from = reloaded_checkpoint()
         self.nag.install(layers)
         self.handles.append(model.register_forward_pre_hook(self.begin_model_call, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self.end_model_call))
@@ -206,9 +194,6 @@ class HookedLayerRows:
             handle.remove()
         self.handles = []
         self.model_call = None
-
-    def model_switched(self, sd_model: Any) -> bool:
-        return super().model_switched(sd_model) or reloaded_checkpoint() != self.weights_from
 
     def on_step(self, params: Any, denoiser: Any, active: bool) -> None:
         self.active = active

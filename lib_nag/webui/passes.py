@@ -5,6 +5,7 @@ together with its host's row placement (``a1111_rows``, ``forge_patcher``)."""
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -35,6 +36,13 @@ def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     passed them otherwise (then the call is not placed)."""
     x = args[0] if args else kwargs.get("x")
     return x if isinstance(x, torch.Tensor) else None
+
+
+def reloaded_checkpoint() -> Any:
+    """Forge Neo's fast refiner (``refiner_fast_sd``) loads the refiner's weights into the model in
+    place, keeping the model, its patcher and its checkpoint info: the filename it then keeps in
+    ``sd_samplers_common.ORIGINAL_CHECKPOINT`` tells. None on other hosts, and before the switch."""
+    return getattr(sys.modules.get("modules.sd_samplers_common"), "ORIGINAL_CHECKPOINT", None)
 
 
 def checkpoint(sd_model: Any) -> Any:
@@ -71,6 +79,7 @@ class NagPass:
         self.hooked = False
         self.model = shared.sd_model
         self.checkpoint = checkpoint(self.model)
+        self.weights_from = reloaded_checkpoint()
         self.schedules = self.encode_negative()
         try:
             self.hooked = self.hook(self.model)
@@ -175,8 +184,11 @@ class NagPass:
             self.negative_key = key
 
     def model_switched(self, sd_model: Any) -> bool:
-        """Whether a refiner switch replaced the model (or its checkpoint) since the pass hooked it."""
-        return sd_model is not self.model or checkpoint(sd_model) is not self.checkpoint
+        """Whether a refiner switch replaced the model (or its checkpoint), or loaded new weights into
+        it in place (the NAG negative's K⁻/V⁻ must be projected again), since the pass hooked it."""
+        if sd_model is not self.model or checkpoint(sd_model) is not self.checkpoint:
+            return True
+        return reloaded_checkpoint() != self.weights_from
 
     def follow_model_switch(self, sd_model: Any) -> None:
         """A refiner switch replaced the model mid-pass (or, with the same architecture, loaded
@@ -185,6 +197,7 @@ class NagPass:
         self.unhook()
         self.model = sd_model
         self.checkpoint = checkpoint(sd_model)
+        self.weights_from = reloaded_checkpoint()
         self.schedules = self.encode_negative()
         self.collect_counts()
         self.nag = self.make_nag()
