@@ -4,6 +4,8 @@ import json
 from dataclasses import replace
 
 import bench
+import bench_common
+import bench_dit
 import pytest
 import torch
 
@@ -67,7 +69,7 @@ def test_cpu_step_peak_is_the_live_allocation_peak():
         third = torch.empty(6 * mib, dtype=torch.uint8)
         return second, third
 
-    assert bench.cpu_step_peak(step) == 12 * mib
+    assert bench_common.cpu_step_peak(step) == 12 * mib
 
 
 def test_host_attention_is_restored():
@@ -109,7 +111,7 @@ def test_main_writes_every_number(tmp_path):
 
 
 DIT_BENCHES = pytest.mark.parametrize(
-    "name,bench_class", [("tiny-flux", bench.FluxBench), ("tiny-sd35", bench.SD35Bench)], ids=["flux", "sd35"]
+    "name,bench_class", [("tiny-flux", bench_dit.FluxBench), ("tiny-sd35", bench_dit.SD35Bench)], ids=["flux", "sd35"]
 )
 
 
@@ -118,7 +120,7 @@ def test_dit_variants_and_floor(name, bench_class):
     spec = bench.MODELS[name]
     model = bench_class(spec, resolution=64, batch=BATCH)
     off, nag, extra = keys = list(bench_class.variants)
-    counted, outputs = bench.counted_flops(model.run, keys, keep_outputs=True)
+    counted, outputs = bench_common.counted_flops(model.run, keys, keep_outputs=True)
     assert {key: out.shape[0] for key, out in outputs.items()} == {off: BATCH, nag: BATCH, extra: 2 * BATCH}
     assert (outputs[nag] - outputs[off]).abs().max() > 1e-4 * outputs[off].abs().max()  # NAG moved the cond rows
     scale = outputs[off].abs().max().item()
@@ -133,7 +135,7 @@ def test_dit_variants_and_floor(name, bench_class):
 
 
 def test_sd35_blocks_are_cut_back_to_the_last_pre_only():
-    model = bench.SD35Bench(bench.TINY_SD35, resolution=64).model
+    model = bench_dit.SD35Bench(bench.TINY_SD35, resolution=64).model
     assert [block.context_block.pre_only for block in model.joint_blocks] == [False, True]
     assert model.joint_blocks[0].x_block.attn.num_heads == 3  # 192 wide: heads of 64
 
@@ -173,7 +175,7 @@ def test_sd35_options_set_width_and_depth():
     assert (spec.context_dim, spec.pooled_dim, spec.prompt_tokens, spec.negative_tokens) == (4096, 2048, 333, 333)
     assert bench.resolution_for("sd35", args) == 1024 and spec.image_tokens(1024) == 4096
     assert bench.dit_spec_for("tiny-sd35", args) is bench.TINY_SD35
-    model = bench.build_sd35(replace(spec, hidden_size=128, joint_blocks=2), resolution=32)
+    model = bench_dit.build_sd35(replace(spec, hidden_size=128, joint_blocks=2), resolution=32)
     assert [block.context_block.pre_only for block in model.joint_blocks] == [False, True]
     with pytest.raises(SystemExit):
         bench.parse_args(["--models", "sd35", "--device", "cpu", "--sd35-hidden", "128", "--sd35-blocks", "3"])  # 2 heads, 3 blocks
