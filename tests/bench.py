@@ -68,7 +68,21 @@ from bench_common import (
     time_interleaved,
     timing_stats,
 )
-from bench_dit import FLUX, HEAD_DIM, SD35, SD35_HEAD_DIM, TINY_FLUX, TINY_SD35, FluxSpec, SD35Spec, run_dit_model
+from bench_dit import (
+    CHROMA,
+    CHROMA_CPU,
+    DIT_BENCHES,
+    FLUX,
+    HEAD_DIM,
+    SD35,
+    SD35_HEAD_DIM,
+    TINY_CHROMA,
+    TINY_FLUX,
+    TINY_SD35,
+    FluxSpec,
+    SD35Spec,
+    run_dit_model,
+)
 from ldm.modules.attention import CrossAttention, SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import linear
@@ -534,21 +548,29 @@ def profile_nag(bench: ModelBench, top: int = 14) -> dict[str, Any]:
     }
 
 
-MODELS: dict[str, UNetSpec | FluxSpec | SD35Spec] = {
+# The transformers measured at their real width: (the reduced depth, the CPU default; the full model, the CUDA default).
+SIZES: dict[str, tuple[Any, Any]] = {"chroma": (CHROMA_CPU, CHROMA)}
+BENCHES = DIT_BENCHES
+MODELS: dict[str, Any] = {
     "sd15": SD15,
     "sdxl": SDXL,
     "flux": FLUX,
     "sd35": SD35,
+    **{name: full for name, (_, full) in SIZES.items()},
     "tiny-sd1": TINY_SD1,
     "tiny-sdxl": TINY_SDXL,
     "tiny-flux": TINY_FLUX,
     "tiny-sd35": TINY_SD35,
+    "tiny-chroma": TINY_CHROMA,
 }
 
 
-def dit_spec_for(name: str, args: argparse.Namespace) -> FluxSpec | SD35Spec:
-    """``flux`` and ``sd35`` at the width, depth and NAG-negative length the options give; the tiny ones as they are."""
+def dit_spec_for(name: str, args: argparse.Namespace) -> Any:
+    """``flux`` and ``sd35`` at the width, depth and NAG-negative length the options give; the others at the
+    size ``--dit-size`` picks; the tiny ones as they are."""
     spec = MODELS[name]
+    if name in SIZES:
+        return SIZES[name][args.dit_size == "full"]
     if spec is FLUX:
         double, single = args.flux_blocks
         return replace(
@@ -800,6 +822,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sd35-negative-tokens", type=int, default=333, help="NAG negative's tokens (default 333 = 77 CLIP + 256 T5, as the prompt)"
     )
+    parser.add_argument(
+        "--dit-size",
+        choices=("reduced", "full"),
+        default=None,
+        help=f"size of {', '.join(SIZES)}: their real width at a reduced depth (the CPU default) or the full model (the CUDA default)",
+    )
     parser.add_argument("--batch", type=int, default=1, help="images B (default 1)")
     parser.add_argument(
         "--repeats",
@@ -824,6 +852,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("fp16" if cuda else "fp32")
     args.warmup = (2 if cuda else 0) if args.warmup is None else args.warmup
+    args.dit_size = args.dit_size or ("full" if cuda else "reduced")
     args.flux_hidden = args.flux_hidden or (FLUX.hidden_size if cuda else 1024)
     args.flux_blocks = tuple(int(n) for n in (args.flux_blocks or ("19,38" if cuda else "1,2")).split(","))
     if args.flux_hidden % HEAD_DIM or len(args.flux_blocks) != 2:
@@ -839,7 +868,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def default_repeats(spec: UNetSpec | FluxSpec | SD35Spec, args: argparse.Namespace) -> int:
+def default_repeats(spec: Any, args: argparse.Namespace) -> int:
     if torch.device(args.device).type == "cuda":
         return 30
     return {SD15.name: 10, SDXL.name: 6, FLUX.name: 6, SD35.name: 6}.get(spec.name, 2)
@@ -852,7 +881,8 @@ def resolution_for(name: str, args: argparse.Namespace) -> int:
     if args.resolution:
         return args.resolution
     cuda = torch.device(args.device).type == "cuda"
-    return {"sd15": 512 if cuda else 256, "sdxl": 1024 if cuda else 256, "flux": 1024, "sd35": 1024}.get(name, 64)
+    defaults = {"sd15": 512 if cuda else 256, "sdxl": 1024 if cuda else 256, "flux": 1024, "sd35": 1024}
+    return defaults.get(name, 1024 if name in SIZES else 64)
 
 
 def header(args: argparse.Namespace) -> list[str]:
@@ -928,11 +958,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(line)
     results = {}
     for name in args.models:
-        if isinstance(MODELS[name], (FluxSpec, SD35Spec)):
-            negative_tokens = args.flux_negative_tokens if isinstance(MODELS[name], FluxSpec) else args.sd35_negative_tokens
+        if type(MODELS[name]) in BENCHES:
             spec = dit_spec_for(name, args)
+            negative_tokens = {FluxSpec: args.flux_negative_tokens, SD35Spec: args.sd35_negative_tokens}.get(
+                type(spec), spec.negative_tokens
+            )
             repeats = args.repeats or default_repeats(spec, args)
-            results[name] = run_dit_model(spec, resolution_for(name, args), negative_tokens, repeats, args)
+            results[name] = run_dit_model(BENCHES[type(spec)], spec, resolution_for(name, args), negative_tokens, repeats, args)
         else:
             results[name] = run_model(MODELS[name], resolution_for(name, args), args)
         sys.stdout.flush()

@@ -12,8 +12,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+from unittest import mock
 
 import torch
+from backend.nn.chroma import IntegratedChromaTransformer2DModel
 from backend.nn.flux import IntegratedFluxTransformer2DModel
 from backend.nn.mmditx import MMDiTX
 from bench_common import (
@@ -34,7 +36,9 @@ from bench_common import (
 from torch import nn
 
 from lib_nag.models.flux import nag_forward as flux_nag_forward
+from lib_nag.models.flux_blocks import ChromaModulations
 from lib_nag.models.mmdit import nag_forward as mmdit_nag_forward
+from lib_nag.webui.conditioning import crossattn
 from lib_nag.webui.forge_patcher import forge_rows
 
 # --- Flux and SD3.5: transformers at CFG 1 -------------------------------------------------------
@@ -49,7 +53,14 @@ SD35_VARIANTS = {
     "j": "(j) NAG on (this project)",
     "k": "(k) extra full pass (2B rows, as CFG)",
 }
+CHROMA_VARIANTS = {
+    "off": "(off) NAG off, the model's own forward",
+    "nag": "(nag) NAG on (this project: the NAG rows' text alone in the single blocks)",
+    "full-stream": "(full-stream) NAG on, the NAG rows a whole stream in the single blocks",
+    "extra": "(extra) extra full pass (2B rows, as CFG)",
+}
 DIT_TARGETS = {"floor_factor": 1.2, "extra_pass_fraction": 0.75}
+SHORTCUT_TARGETS = {"floor_factor": 1.2, "extra_pass_fraction": 0.4}  # issue 15: where NAG's rows need no second image stream
 SIGMA, FLUX_GUIDANCE = 0.5, 3.5  # a mid-schedule sigma; Flux.1-dev's usual distilled guidance
 HEAD_DIM = 128  # Flux.1's: 3072 wide, 24 heads; a reduced width keeps it (and the rotary axes 16 + 56 + 56)
 SD35_HEAD_DIM = 64  # MMDiT's "magic": hidden 64·depth, depth heads of 64
@@ -65,15 +76,21 @@ class PatchTokens:
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
+    latent_channels: int
+
     @staticmethod
     def image_tokens(resolution: int) -> int:
         return ((resolution // 8 + 1) // 2) ** 2
 
+    def latent(self, resolution: int) -> tuple[int, ...]:
+        """One image's latent: 8× smaller than the image."""
+        return self.latent_channels, resolution // 8, resolution // 8
+
 
 @dataclass(frozen=True)
-class FluxSpec(PatchTokens):
-    """Widths and depths of Forge's ``IntegratedFluxTransformer2DModel`` (Flux.1: 19 double + 38 single
-    blocks, 3072 wide, T5-XXL text of 4096, CLIP-L pooled 768, 16-channel latents in 2×2 patches)."""
+class FluxBlocks(PatchTokens):
+    """Flux.1's block stacks, as Flux.1 and Chroma have them: 19 double + 38 single blocks, 3072 wide (24
+    heads of 128), T5-XXL text of 4096, 16-channel latents in 2×2 patches."""
 
     name: str
     hidden_size: int
@@ -82,11 +99,17 @@ class FluxSpec(PatchTokens):
     single_blocks: int
     axes_dim: tuple[int, ...]
     context_dim: int = 4096
-    pooled_dim: int = 768
     latent_channels: int = 16
     mlp_ratio: float = 4.0
     prompt_tokens: int = 512
     negative_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class FluxSpec(FluxBlocks):
+    """Widths and depths of Forge's ``IntegratedFluxTransformer2DModel`` (Flux.1: its blocks, CLIP-L pooled 768)."""
+
+    pooled_dim: int = 768
 
 
 @dataclass(frozen=True)
@@ -110,10 +133,31 @@ class SD35Spec(PatchTokens):
         return self.hidden_size // SD35_HEAD_DIM
 
 
+@dataclass(frozen=True)
+class ChromaSpec(FluxBlocks):
+    """Widths and depths of Forge's ``IntegratedChromaTransformer2DModel`` (Chroma: Flux.1's blocks without
+    their modulation layers and no pooled vector; the modulations from the distilled guidance layer, 64 →
+    5120 wide in 5 layers → one vector per block modulation)."""
+
+    approximator_width: int = 5120
+    approximator_layers: int = 5
+
+    @property
+    def modulation_vectors(self) -> int:
+        """The distilled guidance layer's vectors per row: 12 per double block, 3 per single, 2 for the final layer."""
+        return 12 * self.double_blocks + 3 * self.single_blocks + 2
+
+
 FLUX = FluxSpec("Flux.1", 3072, 24, 19, 38, (16, 56, 56))
 TINY_FLUX = FluxSpec("tiny Flux", 64, 4, 1, 2, (4, 6, 6), 32, pooled_dim=12, latent_channels=4, prompt_tokens=7, negative_tokens=5)
 SD35 = SD35Spec("SD3.5 Large", 2432, 38)
 TINY_SD35 = SD35Spec("tiny SD3.5", 192, 2, context_dim=24, pooled_dim=12, prompt_tokens=7, negative_tokens=5)
+CHROMA = ChromaSpec("Chroma", 3072, 24, 19, 38, (16, 56, 56))
+CHROMA_CPU = replace(CHROMA, double_blocks=1, single_blocks=2)  # Flux.1's width and 1:2 ratio; ~30 s per forward on a core
+TINY_CHROMA = ChromaSpec(
+    "tiny Chroma", 64, 4, 1, 2, (4, 6, 6), 32, latent_channels=4, approximator_width=32, approximator_layers=2, prompt_tokens=7,
+    negative_tokens=5,
+)  # fmt: skip
 
 
 def build_flux(spec: FluxSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -122,6 +166,17 @@ def build_flux(spec: FluxSpec, device: torch.device | str = "cpu", dtype: torch.
         model = IntegratedFluxTransformer2DModel(
             spec.latent_channels, spec.pooled_dim, spec.context_dim, spec.hidden_size, spec.mlp_ratio, spec.num_heads,
             spec.double_blocks, spec.single_blocks, list(spec.axes_dim), 10000, qkv_bias=True, guidance_embed=True,
+        )  # fmt: skip
+    return materialized(model, device, dtype, seed)
+
+
+def build_chroma(spec: ChromaSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """The Forge Chroma stand-in (tests/forge/backend/nn/chroma.py) with ``spec``'s sizes and random weights."""
+    with torch.device("meta"):
+        model = IntegratedChromaTransformer2DModel(
+            spec.latent_channels, spec.context_dim, spec.hidden_size, spec.mlp_ratio, spec.num_heads, spec.double_blocks,
+            spec.single_blocks, list(spec.axes_dim), 10000, qkv_bias=True, guidance_out_dim=spec.hidden_size,
+            guidance_hidden_dim=spec.approximator_width, guidance_n_layers=spec.approximator_layers,
         )  # fmt: skip
     return materialized(model, device, dtype, seed)
 
@@ -215,6 +270,37 @@ def flux_pass_flops(spec: FluxSpec, image_tokens: int, batch: int = 1) -> int:
     return batch * (embeddings + spec.double_blocks * per_double + spec.single_blocks * _single_block_flops(spec, joint) + final)
 
 
+def chroma_nag_flops(spec: ChromaSpec, image_tokens: int, batch: int = 1, text_alone: bool = True) -> dict[str, int]:
+    """The analytic floor of NAG's extra FLOPs over (off) for ``batch`` positive rows (2 FLOPs per multiply-add).
+
+    Per double block: the NAG text stream's linear layers on the negative's tokens and the second joint
+    attention over [negative text; image]. Per single block: the NAG rows' linear1 and linear2 on their
+    text alone (``text_alone``, NAG's shortcut: their image tokens would be their positive rows') or on
+    [negative text; image] (the authors' whole stream, which Flux's floor counts), and their attention
+    over [negative text; image]. Before the blocks: txt_in on the negative. Chroma's modulations carry no
+    prompt: the NAG rows take their positive rows' (no modulation layer runs for them). The elementwise
+    part as for Flux.
+    """
+    text, joint = spec.negative_tokens, spec.negative_tokens + image_tokens
+    per_double = _stream_flops(spec, text) + _attention_flops(spec, joint)
+    per_single = _stream_flops(spec, text if text_alone else joint) + _attention_flops(spec, joint)
+    embeddings = 2 * text * spec.context_dim * spec.hidden_size
+    matmul = batch * (embeddings + spec.double_blocks * per_double + spec.single_blocks * per_single)
+    elementwise = _elementwise_flops(spec, image_tokens, spec.double_blocks + spec.single_blocks, batch)
+    return _floor({"per_double_block": per_double, "per_single_block": per_single, "embeddings": embeddings}, batch, matmul, elementwise)
+
+
+def chroma_pass_flops(spec: ChromaSpec, image_tokens: int, batch: int = 1) -> int:
+    """Matmul FLOPs of one forward over ``batch`` rows, analytically (what (extra) adds to (off))."""
+    d, patch, text = spec.hidden_size, 4 * spec.latent_channels, max(spec.prompt_tokens, spec.negative_tokens)
+    joint, width, vectors = text + image_tokens, spec.approximator_width, spec.modulation_vectors
+    approximator = 2 * vectors * (64 * width + spec.approximator_layers * 2 * width * width + width * d)
+    embeddings = 2 * image_tokens * patch * d + approximator + 2 * text * spec.context_dim * d
+    per_block = _stream_flops(spec, joint) + _attention_flops(spec, joint)  # double (image and text streams) = single
+    final = 2 * image_tokens * d * patch
+    return batch * (embeddings + (spec.double_blocks + spec.single_blocks) * per_block + final)
+
+
 def _last_context_flops(spec: SD35Spec, tokens: int) -> int:
     """The last (``pre_only``) context block on ``tokens``: its qkv and its 2 modulations."""
     d = spec.hidden_size
@@ -252,18 +338,20 @@ def sd35_pass_flops(spec: SD35Spec, image_tokens: int, batch: int = 1) -> int:
 
 
 class DiTBench(ABC):
-    """A transformer at CFG 1 (one cond row per image, ``cond_or_uncond`` [0]) and its three variants:
-    NAG off, NAG on, an extra full pass with the NAG negative as a second prompt."""
+    """A transformer at CFG 1 (one cond row per image, ``cond_or_uncond`` [0]) and its variants, in the
+    order of ``variants``: NAG off first, NAG as this project does it second (a family may measure more
+    NAG variants after it), an extra full pass with the NAG negative as a second prompt last."""
 
     variants: dict[str, str]
-    row_arguments: tuple[str, ...]  # the call's per-row arguments besides context and y
+    row_arguments: tuple[str, ...]  # the call's per-row arguments besides the conditioning
     full_model: Any  # the spec at full size
     nag_flops: Callable[..., dict[str, int]]  # (spec, image tokens, batch): the analytic floor of NAG's extra FLOPs
     pass_flops: Callable[..., int]  # (spec, image tokens, batch): the matmul FLOPs of one forward
+    targets: dict[str, float] = DIT_TARGETS
 
     def __init__(
         self,
-        spec: FluxSpec | SD35Spec,
+        spec: Any,
         resolution: int,
         batch: int = 1,
         device: str = "cpu",
@@ -282,59 +370,74 @@ class DiTBench(ABC):
         def randn(*shape: int) -> torch.Tensor:
             return torch.randn(*shape, generator=generator).to(self.device, self.dtype)
 
-        b, latent = batch, resolution // 8
-        sigmas = torch.full((b,), SIGMA, device=self.device, dtype=self.dtype)
-        common = {
-            "x": randn(b, spec.latent_channels, latent, latent),
-            "context": randn(b, spec.prompt_tokens, spec.context_dim),
-            "y": randn(b, spec.pooled_dim),
-            "transformer_options": {"cond_or_uncond": [0], "sigmas": sigmas},
-        }
-        cond = common | self.call_arguments(sigmas)
-        negative = {"crossattn": randn(b, spec.negative_tokens, spec.context_dim), "vector": randn(b, spec.pooled_dim)}
-        off, nag, extra = self.variants
+        sigmas = torch.full((batch,), SIGMA, device=self.device, dtype=self.dtype)
+        cond = {"x": randn(batch, *spec.latent(resolution))} | self.conditioning(randn, spec.prompt_tokens)
+        cond |= {"transformer_options": {"cond_or_uncond": [0], "sigmas": sigmas}} | self.call_arguments(sigmas)
+        negative = self.nag_negative(self.conditioning(randn, spec.negative_tokens))
+        self.off, self.nag_key, *_, self.extra = self.variants
         self.calls = {
-            off: (self.model, cond),
-            nag: (self.nag(lambda: negative), cond),
-            extra: (self.model, self._extra_pass(cond, negative)),
+            self.off: (self.model, cond),
+            **{key: (forward, cond) for key, forward in self.nag_forwards(lambda: negative).items()},
+            self.extra: (self.model, self._extra_pass(cond, negative)),
         }
 
     @abstractmethod
     def build(self, seed: int) -> nn.Module: ...
+
+    def conditioning(self, randn: Callable[..., torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
+        """A prompt of ``tokens`` tokens as the model's call takes it: its context (and pooled vector)."""
+        return {"context": randn(self.batch, tokens, self.spec.context_dim)}
+
+    def nag_negative(self, conditioning: dict[str, torch.Tensor]) -> Any:
+        """The NAG negative as the family's pass hands it to NAG (here the context tensor)."""
+        return conditioning["context"]
 
     @abstractmethod
     def call_arguments(self, sigmas: torch.Tensor) -> dict[str, torch.Tensor]:
         """The call's timestep (and guidance) arguments, as Forge passes them."""
 
     @abstractmethod
-    def nag(self, negative: Callable[[], dict[str, torch.Tensor]]) -> Callable[..., torch.Tensor]:
+    def nag(self, negative: Callable[[], Any]) -> Callable[..., torch.Tensor]:
         """The model's forward with NAG as this project does it."""
 
-    def floor(self) -> dict[str, int]:
-        return type(self).nag_flops(self.spec, self.image_tokens, self.batch)
+    def nag_forwards(self, negative: Callable[[], Any]) -> dict[str, Callable[..., torch.Tensor]]:
+        """Every NAG variant's forward, by key (here only NAG as this project does it)."""
+        return {self.nag_key: self.nag(negative)}
+
+    def nag_flops_of(self, key: str, spec: Any, image_tokens: int, batch: int = 1) -> dict[str, int]:
+        """The analytic floor of NAG variant ``key`` for ``spec``."""
+        return type(self).nag_flops(spec, image_tokens, batch)
+
+    def floor(self, key: str | None = None) -> dict[str, int]:
+        return self.nag_flops_of(key or self.nag_key, self.spec, self.image_tokens, self.batch)
 
     def extra_pass_flops(self) -> int:
         return type(self).pass_flops(self.spec, self.image_tokens, self.batch)
 
-    def full_model_floor_over_extra_pass(self, negative_tokens: int) -> float:
+    def full_model_floor_over_extra_pass(self, negative_tokens: int, key: str | None = None) -> float:
         """The floor over the extra pass for the full-size model at 1024²."""
         full, tokens = replace(self.full_model, negative_tokens=negative_tokens), self.full_model.image_tokens(1024)
-        return type(self).nag_flops(full, tokens)["floor_flops"] / type(self).pass_flops(full, tokens)
+        return self.nag_flops_of(key or self.nag_key, full, tokens)["floor_flops"] / type(self).pass_flops(full, tokens)
 
     @abstractmethod
     def describe(self) -> tuple[str, str]:
         """The blocks and width, for the heading; the full model's, for the floor's comparison."""
 
     @abstractmethod
-    def floor_text(self, floor: dict[str, Any]) -> str:
-        """What the floor counts, per block."""
+    def floor_text(self, floor: dict[str, Any], key: str) -> str:
+        """What the floor of NAG variant ``key`` counts, per block."""
 
-    def _extra_pass(self, cond: dict[str, Any], negative: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def profile(self) -> list[str]:
+        """Lines on where NAG's extra time goes (``--profile``); none for a family that runs the whole model."""
+        return []
+
+    def _extra_pass(self, cond: dict[str, Any], negative: Any) -> dict[str, Any]:
         """The cond rows and one row per image with the NAG negative as its prompt, in one call."""
         rows = {name: torch.cat((cond[name], cond[name])) for name in ("x", *self.row_arguments)}
-        context = torch.cat(padded_to_longest(cond["context"], negative["crossattn"]))
+        context = torch.cat(padded_to_longest(cond["context"], crossattn(negative)))
         options = {"cond_or_uncond": [0, 1], "sigmas": cond["transformer_options"]["sigmas"]}
-        return rows | {"context": context, "y": torch.cat((cond["y"], negative["vector"])), "transformer_options": options}
+        pooled = {"y": torch.cat((cond["y"], negative["vector"]))} if "y" in cond else {}
+        return rows | {"context": context} | pooled | {"transformer_options": options}
 
     def rows(self, key: str) -> int:
         return self.calls[key][1]["x"].shape[0]
@@ -348,20 +451,47 @@ class DiTBench(ABC):
         return elapsed(lambda: self.run(key), self.device)
 
     def checks(self, outputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-        off, nag, extra = self.variants
-        base, b = outputs[off].float(), self.batch
+        base, b = outputs[self.off].float(), self.batch
 
         def relative(x: torch.Tensor, y: torch.Tensor) -> float:
             return ((x.float() - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
 
-        return {
-            f"{nag}_changed_by_nag": relative(outputs[nag], base),
-            f"{extra}_cond_rows_vs_{off}": relative(outputs[extra][:b], base),
+        moved = {f"{key}_changed_by_nag": relative(outputs[key], base) for key in self.nag_keys}
+        return moved | {
+            f"{self.extra}_cond_rows_vs_{self.off}": relative(outputs[self.extra][:b], base),
             "finite": all(bool(torch.isfinite(out).all()) for out in outputs.values()),
         }
 
+    @property
+    def nag_keys(self) -> list[str]:
+        return list(self.variants)[1:-1]
 
-class FluxBench(DiTBench):
+
+def patched(owner: Any, name: str, value: Any) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """A forward that runs with ``owner.name`` set to ``value`` for the call (a model's instance method, a
+    class attribute), then set back."""
+
+    def wrap(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def run(**arguments: Any) -> torch.Tensor:
+            with mock.patch.object(owner, name, value):
+                return forward(**arguments)
+
+        return run
+
+    return wrap
+
+
+class PooledBench(DiTBench):
+    """A model whose prompt is a context and a pooled vector (Flux.1, SD3.5); the NAG negative is both."""
+
+    def conditioning(self, randn: Callable[..., torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
+        return {"context": randn(self.batch, tokens, self.spec.context_dim), "y": randn(self.batch, self.spec.pooled_dim)}
+
+    def nag_negative(self, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"crossattn": conditioning["context"], "vector": conditioning["y"]}
+
+
+class FluxBench(PooledBench):
     """The Flux stand-in; (g) is ``lib_nag.models.flux.nag_forward``."""
 
     variants = FLUX_VARIANTS
@@ -377,14 +507,14 @@ class FluxBench(DiTBench):
     def call_arguments(self, sigmas: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"timestep": sigmas, "guidance": torch.full_like(sigmas, FLUX_GUIDANCE)}
 
-    def nag(self, negative: Callable[[], dict[str, torch.Tensor]]) -> Callable[..., torch.Tensor]:
+    def nag(self, negative: Callable[[], Any]) -> Callable[..., torch.Tensor]:
         return flux_nag_forward(self.model, negative, NAG_PARAMS, lambda _options: True)
 
     def describe(self) -> tuple[str, str]:
         spec = self.spec
         return f"{spec.double_blocks} double + {spec.single_blocks} single blocks", "Flux.1's full model (3072 wide, 19 + 38 blocks)"
 
-    def floor_text(self, floor: dict[str, Any]) -> str:
+    def floor_text(self, floor: dict[str, Any], key: str) -> str:
         return (
             f"Per double block {floor['per_double_block'] / 1e9:,.2f} GFLOP: the NAG text stream's linear layers on its "
             f"{self.spec.negative_tokens} tokens and the second joint attention [NAG text; image] (QKᵀ and AV). Per single block "
@@ -394,7 +524,7 @@ class FluxBench(DiTBench):
         )
 
 
-class SD35Bench(DiTBench):
+class SD35Bench(PooledBench):
     """Forge's MMDiT-X stand-in; (j) is ``lib_nag.models.mmdit.nag_forward`` with Forge's rows."""
 
     variants = SD35_VARIANTS
@@ -410,13 +540,13 @@ class SD35Bench(DiTBench):
     def call_arguments(self, sigmas: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"t": sigmas * 1000}  # Forge's KModel passes σ·1000 to SD3
 
-    def nag(self, negative: Callable[[], dict[str, torch.Tensor]]) -> Callable[..., torch.Tensor]:
+    def nag(self, negative: Callable[[], Any]) -> Callable[..., torch.Tensor]:
         return mmdit_nag_forward(self.model, negative, NAG_PARAMS, forge_rows(lambda _options: True))
 
     def describe(self) -> tuple[str, str]:
         return f"{self.spec.joint_blocks} joint blocks", "SD3.5 Large's full model (2432 wide, 38 joint blocks)"
 
-    def floor_text(self, floor: dict[str, Any]) -> str:
+    def floor_text(self, floor: dict[str, Any], key: str) -> str:
         return (
             f"Per joint block {floor['per_joint_block'] / 1e9:,.2f} GFLOP: the NAG context stream's linear layers on its "
             f"{self.spec.negative_tokens} tokens (qkv, proj, MLP, modulation) and the second joint attention [NAG context; image] "
@@ -425,28 +555,91 @@ class SD35Bench(DiTBench):
         )
 
 
-DIT_BENCHES: dict[type, type[DiTBench]] = {FluxSpec: FluxBench, SD35Spec: SD35Bench}
+class ChromaBench(DiTBench):
+    """Forge main's Chroma stand-in; (nag) is ``lib_nag.models.flux.nag_forward``, whose NAG rows are their
+    text alone in the single-stream blocks (``ChromaModulations.text_free``), and (full-stream) the same with
+    that shortcut off, the NAG rows a whole ``[NAG text; image]`` stream there, as Flux's are."""
+
+    variants = CHROMA_VARIANTS
+    row_arguments = ("timestep",)
+    full_model = CHROMA
+    pass_flops = staticmethod(chroma_pass_flops)
+    targets = SHORTCUT_TARGETS
+    spec: ChromaSpec
+
+    def build(self, seed: int) -> nn.Module:
+        return build_chroma(self.spec, self.device, self.dtype, seed)
+
+    def call_arguments(self, sigmas: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"timestep": sigmas}  # Chroma's predictor gives σ
+
+    def nag(self, negative: Callable[[], Any]) -> Callable[..., torch.Tensor]:
+        return flux_nag_forward(self.model, negative, NAG_PARAMS, lambda _options: True)
+
+    def nag_forwards(self, negative: Callable[[], Any]) -> dict[str, Callable[..., torch.Tensor]]:
+        without_shortcut = patched(ChromaModulations, "text_free", False)
+        return {"nag": self.nag(negative), "full-stream": without_shortcut(self.nag(negative))}
+
+    def nag_flops_of(self, key: str, spec: ChromaSpec, image_tokens: int, batch: int = 1) -> dict[str, int]:
+        return chroma_nag_flops(spec, image_tokens, batch, text_alone=key == "nag")
+
+    def describe(self) -> tuple[str, str]:
+        spec = self.spec
+        return f"{spec.double_blocks} double + {spec.single_blocks} single blocks", "Chroma's full model (3072 wide, 19 + 38 blocks)"
+
+    def floor_text(self, floor: dict[str, Any], key: str) -> str:
+        single = (
+            "the NAG rows' text alone (linear1/linear2 on its tokens) and their attention over [NAG text; image]"
+            if key == "nag"
+            else "the NAG rows' whole stream (linear1/linear2 on [NAG text; image]) and their attention"
+        )
+        return (
+            f"Per double block {floor['per_double_block'] / 1e9:,.2f} GFLOP: the NAG text stream's linear layers on its "
+            f"{self.spec.negative_tokens} tokens and the second joint attention [NAG text; image]. Per single block "
+            f"{floor['per_single_block'] / 1e9:,.2f} GFLOP: {single}. Chroma's modulations carry no prompt: the NAG rows take their "
+            f"positive rows'. Plus txt_in on the negative ({floor['embeddings'] / 1e9:,.2f})"
+        )
 
 
-def dit_targets(stats: dict[str, Any], keys: list[str], floor_fraction: float) -> dict[str, Any]:
-    """NAG's measured extra cost against 1.2× the analytic floor, and against the extra pass's extra cost."""
-    _, nag, extra = keys
+DIT_BENCHES: dict[type, type[DiTBench]] = {FluxSpec: FluxBench, SD35Spec: SD35Bench, ChromaSpec: ChromaBench}
+
+
+def dit_targets(stats: dict[str, Any], nag: str, extra: str, floor_fraction: float, limits: dict[str, float]) -> dict[str, Any]:
+    """NAG's measured extra cost against ``limits``: 1.2× the analytic floor, and a fraction of the extra
+    pass's extra cost (``extra_pass_fraction``) or of the step (``overhead``)."""
     overhead, extra_pass = stats["ratio"][nag] - 1, stats["ratio"][extra] - 1
-    floor_bound, pass_bound = DIT_TARGETS["floor_factor"] * floor_fraction, DIT_TARGETS["extra_pass_fraction"]
-    of_extra_pass = overhead / extra_pass
-    return {
+    floor_bound = limits["floor_factor"] * floor_fraction
+    targets = {
         "floor": {
             "value": overhead,
             "limit": floor_bound,
             "pass": overhead <= floor_bound,
             "measured_over_floor": overhead / floor_fraction,
-        },
-        "extra_pass": {"value": of_extra_pass, "limit": pass_bound, "pass": of_extra_pass <= pass_bound},
+        }
     }
+    if "extra_pass_fraction" in limits:
+        of_extra_pass, bound = overhead / extra_pass, limits["extra_pass_fraction"]
+        targets["extra_pass"] = {"value": of_extra_pass, "limit": bound, "pass": of_extra_pass <= bound}
+    if "overhead" in limits:
+        targets["overhead"] = {"value": overhead, "limit": limits["overhead"], "pass": overhead <= limits["overhead"]}
+    return targets
+
+
+def floor_counted(bench: DiTBench, key: str, counted: dict[str, int], negative_tokens: int) -> dict[str, Any]:
+    """NAG variant ``key``'s analytic floor with what the counter and the timing compare it to."""
+    off, extra = bench.off, bench.extra
+    floor: dict[str, Any] = bench.floor(key)
+    floor["fraction"] = floor["floor_flops"] / counted[off]
+    floor[f"counted_extra_{key}"], floor[f"counted_extra_{extra}"] = counted[key] - counted[off], counted[extra] - counted[off]
+    floor["analytic_extra_pass"] = bench.extra_pass_flops()
+    floor["floor_over_extra_pass"] = floor["floor_flops"] / floor[f"counted_extra_{extra}"]
+    floor["full_model_floor_over_extra_pass"] = bench.full_model_floor_over_extra_pass(negative_tokens, key)
+    return floor
 
 
 def run_dit_model(
-    spec: FluxSpec | SD35Spec,
+    bench_class: type[DiTBench],
+    spec: Any,
     resolution: int,
     negative_tokens: int,
     repeats: int,
@@ -454,7 +647,7 @@ def run_dit_model(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    bench = DIT_BENCHES[type(spec)](spec, resolution, args.batch, args.device, DTYPES[args.dtype], args.seed)
+    bench = bench_class(spec, resolution, args.batch, args.device, DTYPES[args.dtype], args.seed)
     build_s = time.perf_counter() - started
     blocks, _ = bench.describe()
     log(
@@ -466,22 +659,19 @@ def run_dit_model(
 
     started = time.perf_counter()
     keys = list(bench.variants)
-    off, nag, extra = keys
+    off, nag, extra = bench.off, bench.nag_key, bench.extra
     counted, outputs = counted_flops(bench.run, keys, keep_outputs=True)  # the first step of each: warm-up, FLOPs, outputs
     checks = bench.checks(outputs)
     del outputs
     times = time_interleaved(bench.timed, keys, repeats, args.warmup)
+    profile = bench.profile() if args.profile else []
     measure_s = time.perf_counter() - started
 
     stats = timing_stats(times, base=off)
-    floor: dict[str, Any] = bench.floor()
-    floor["fraction"] = floor["floor_flops"] / counted[off]
-    floor[f"counted_extra_{nag}"], floor[f"counted_extra_{extra}"] = counted[nag] - counted[off], counted[extra] - counted[off]
-    floor["analytic_extra_pass"] = bench.extra_pass_flops()
-    floor["floor_over_extra_pass"] = floor["floor_flops"] / floor[f"counted_extra_{extra}"]
-    floor["full_model_floor_over_extra_pass"] = bench.full_model_floor_over_extra_pass(negative_tokens)
-    targets = dit_targets(stats, keys, floor["fraction"])
-    for line in dit_report(bench, times, stats, counted, floor, checks, targets):
+    floors = {key: floor_counted(bench, key, counted, negative_tokens) for key in bench.nag_keys}
+    floor = floors[nag]
+    targets = dit_targets(stats, nag, extra, floor["fraction"], bench.targets)
+    for line in (*dit_report(bench, times, stats, counted, floors, checks, targets), *profile):
         log(line)
     log(f"(measured in {measure_s:.0f} s)")
     return {
@@ -510,12 +700,21 @@ def run_dit_model(
             }
             for key, label in bench.variants.items()
         },
-        "nag_extra_over_extra_pass": targets["extra_pass"]["value"],
+        "nag_extra_over_extra_pass": (stats["ratio"][nag] - 1) / (stats["ratio"][extra] - 1),
         "floor": floor,
+        "floors": floors,
         "noise": {f"{off}_iqr_over_median": spread(times[off]), "rounds": stats["rounds"], "rounds_used": stats["used"]},
         "checks": checks,
         "targets": targets,
+        "profile": profile,
     }
+
+
+TARGET_TEXT = {
+    "floor": "({nag})/({off}) − 1 = {value:+.1%} ≤ {factor}× floor = {limit:.1%}",
+    "extra_pass": "(({nag})−({off})) / (({extra})−({off})) = {value:.3f} ≤ {limit}",
+    "overhead": "({nag})/({off}) − 1 = {value:+.1%} ≤ {limit:.0%}",
+}
 
 
 def dit_report(
@@ -523,12 +722,13 @@ def dit_report(
     times: dict[str, list[float]],
     stats: dict[str, Any],
     counted: dict[str, int],
-    floor: dict[str, Any],
+    floors: dict[str, dict[str, Any]],
     checks: dict[str, Any],
     targets: dict[str, Any],
 ) -> list[str]:
     spec, ratio, medians, verdict = bench.spec, stats["ratio"], stats["medians"], {True: "PASS", False: "MISS"}
-    off, nag, extra = bench.variants
+    off, nag, extra = bench.off, bench.nag_key, bench.extra
+    floor = floors[nag]
     blocks, full_model = bench.describe()
     lines = [
         "",
@@ -542,23 +742,39 @@ def dit_report(
             f"| {label} | {bench.rows(key)} | {medians[key] * 1e3:,.1f} | {min(times[key]) * 1e3:,.1f} | {ratio[key]:.3f}{interval} | "
             f"{more} | {counted[key] / 1e9:,.1f} | {spread(times[key]):.1%} |"
         )
+    more_variants = [
+        f"{bench.variants[key]}: analytic floor {other['floor_flops'] / 1e9:,.2f} GFLOP = {other['fraction']:.1%} of ({off}). "
+        f"{bench.floor_text(other, key)}. Counted ({key})−({off}) {other[f'counted_extra_{key}'] / 1e9:,.2f} GFLOP (analytic matmuls "
+        f"{other['matmul_flops'] / 1e9:,.2f}); floor / extra pass = {other['floor_over_extra_pass']:.3f} here, "
+        f"{other['full_model_floor_over_extra_pass']:.3f} for {full_model} at 1024². Measured ({key})/({off}) − 1 = "
+        f"{ratio[key] - 1:+.1%} (measured/floor {(ratio[key] - 1) / other['fraction']:.2f}), "
+        f"(({key})−({off})) / (({extra})−({off})) = {(ratio[key] - 1) / (ratio[extra] - 1):.3f}; NAG moved its output by "
+        f"{checks[f'{key}_changed_by_nag']:.3g}."
+        for key, other in floors.items()
+        if key != nag
+    ]
+    names = {"nag": nag, "off": off, "extra": extra, "factor": bench.targets["floor_factor"]}
+    target_lines = [
+        f"- {TARGET_TEXT[name].format(**names, value=target['value'], limit=target['limit'])}: {verdict[target['pass']]}"
+        + (f" (measured/floor {target['measured_over_floor']:.2f})" if name == "floor" else "")
+        + (f" (by FLOPs at best {floor['floor_over_extra_pass']:.3f})" if name == "extra_pass" else "")
+        for name, target in targets.items()
+    ]
     return [
         *lines,
         "",
         f"Analytic floor of NAG's extra FLOPs: {floor['floor_flops'] / 1e9:,.2f} GFLOP = {floor['fraction']:.1%} of ({off})'s counted "
-        f"{counted[off] / 1e9:,.1f} GFLOP. {bench.floor_text(floor)} and {floor['elementwise_flops'] / 1e9:,.2f} GFLOP elementwise "
+        f"{counted[off] / 1e9:,.1f} GFLOP. {bench.floor_text(floor, nag)} and {floor['elementwise_flops'] / 1e9:,.2f} GFLOP elementwise "
         f"(NAG combine {NAG_FLOPS_PER_Z}/element, softmax {SOFTMAX_FLOPS_PER_SCORE}/score; norms, GELU and RoPE not counted).",
         f"Counted with FlopCounterMode (mm/addmm/bmm, SDPA): ({nag})−({off}) {floor[f'counted_extra_{nag}'] / 1e9:,.2f} GFLOP (analytic "
         f"matmuls {floor['matmul_flops'] / 1e9:,.2f}); ({extra})−({off}) {floor[f'counted_extra_{extra}'] / 1e9:,.2f} GFLOP (analytic "
         f"{floor['analytic_extra_pass'] / 1e9:,.2f}). Floor / extra pass = {floor['floor_over_extra_pass']:.3f} here, "
         f"{floor['full_model_floor_over_extra_pass']:.3f} for {full_model} at 1024²: the least ({nag}) can cost relative to ({extra}) "
         "by FLOPs, with the authors' formulation.",
+        *more_variants,
         f"Checks: NAG moved ({nag})'s output by {checks[f'{nag}_changed_by_nag']:.3g} (max |Δ| / max |({off})|); ({extra})'s cond rows "
         f"vs ({off}): {checks[f'{extra}_cond_rows_vs_{off}']:.2e}; all finite: {checks['finite']}.",
         "",
         f"Targets ({spec.name}, {bench.resolution}², {blocks}, hidden {spec.hidden_size}):",
-        f"- ({nag})/({off}) − 1 = {ratio[nag] - 1:+.1%} ≤ {DIT_TARGETS['floor_factor']}× floor = {targets['floor']['limit']:.1%}: "
-        f"{verdict[targets['floor']['pass']]} (measured/floor {targets['floor']['measured_over_floor']:.2f})",
-        f"- (({nag})−({off})) / (({extra})−({off})) = {targets['extra_pass']['value']:.3f} ≤ {DIT_TARGETS['extra_pass_fraction']}: "
-        f"{verdict[targets['extra_pass']['pass']]} (by FLOPs at best {floor['floor_over_extra_pass']:.3f})",
+        *target_lines,
     ]

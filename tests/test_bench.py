@@ -111,7 +111,9 @@ def test_main_writes_every_number(tmp_path):
 
 
 DIT_BENCHES = pytest.mark.parametrize(
-    "name,bench_class", [("tiny-flux", bench_dit.FluxBench), ("tiny-sd35", bench_dit.SD35Bench)], ids=["flux", "sd35"]
+    "name,bench_class",
+    [("tiny-flux", bench_dit.FluxBench), ("tiny-sd35", bench_dit.SD35Bench), ("tiny-chroma", bench_dit.ChromaBench)],
+    ids=["flux", "sd35", "chroma"],
 )
 
 
@@ -119,19 +121,31 @@ DIT_BENCHES = pytest.mark.parametrize(
 def test_dit_variants_and_floor(name, bench_class):
     spec = bench.MODELS[name]
     model = bench_class(spec, resolution=64, batch=BATCH)
-    off, nag, extra = keys = list(bench_class.variants)
+    keys = list(bench_class.variants)
+    off, extra = keys[0], keys[-1]
     counted, outputs = bench_common.counted_flops(model.run, keys, keep_outputs=True)
-    assert {key: out.shape[0] for key, out in outputs.items()} == {off: BATCH, nag: BATCH, extra: 2 * BATCH}
-    assert (outputs[nag] - outputs[off]).abs().max() > 1e-4 * outputs[off].abs().max()  # NAG moved the cond rows
+    assert {key: out.shape[0] for key, out in outputs.items()} == {key: 2 * BATCH if key == extra else BATCH for key in keys}
     scale = outputs[off].abs().max().item()
     assert torch.allclose(outputs[extra][:BATCH], outputs[off], rtol=1e-4, atol=1e-5 * scale)  # the extra pass adds the negative's rows
     assert model.checks(outputs)["finite"]
-
-    floor = model.floor()
-    assert floor["matmul_flops"] == counted[nag] - counted[off]  # counter and analytic matmuls agree
     assert model.extra_pass_flops() == counted[extra] - counted[off]
-    assert 0 < floor["floor_flops"] < counted[extra] - counted[off]
-    assert 0 < model.full_model_floor_over_extra_pass(spec.negative_tokens) < 1
+    for key in model.nag_keys:
+        assert (outputs[key] - outputs[off]).abs().max() > 1e-4 * scale  # NAG moved the cond rows
+        floor = model.floor(key)
+        assert floor["matmul_flops"] == counted[key] - counted[off]  # counter and analytic matmuls agree
+        assert 0 < floor["floor_flops"] < counted[extra] - counted[off]
+        assert 0 < model.full_model_floor_over_extra_pass(spec.negative_tokens, key) < 1
+
+
+def test_chromas_shortcut_gives_the_whole_streams_output_for_less():
+    """The NAG rows as their text alone in the single blocks: the same output as the whole stream, fewer FLOPs."""
+    model = bench_dit.ChromaBench(bench_dit.TINY_CHROMA, resolution=64, batch=BATCH)
+    counted, outputs = bench_common.counted_flops(model.run, ["nag", "full-stream"], keep_outputs=True)
+    assert torch.allclose(outputs["nag"], outputs["full-stream"], rtol=1e-5, atol=1e-6 * outputs["nag"].abs().max().item())
+    assert counted["nag"] < counted["full-stream"]
+    full, tokens = bench_dit.CHROMA, bench_dit.CHROMA.image_tokens(1024)
+    shortcut, whole = (bench_dit.chroma_nag_flops(full, tokens, text_alone=alone)["floor_flops"] for alone in (True, False))
+    assert 0.25 < shortcut / bench_dit.chroma_pass_flops(full, tokens) < 0.35 < 0.7 < whole / bench_dit.chroma_pass_flops(full, tokens)
 
 
 def test_sd35_blocks_are_cut_back_to_the_last_pre_only():
@@ -154,15 +168,18 @@ def test_main_writes_the_dit_numbers(tmp_path, name, bench_class):
     path = tmp_path / "bench.json"
     bench.main(["--models", name, "--batch", "1", "--repeats", "2", "--warmup", "0", "--json", str(path)])
     result = json.loads(path.read_text())["models"][name]
-    off, nag, extra = bench_class.variants
-    assert set(result["variants"]) == {off, nag, extra}
+    keys = list(bench_class.variants)
+    off, nag, extra = keys[0], keys[1], keys[-1]
+    assert set(result["variants"]) == set(keys)
     for variant in result["variants"].values():
         assert {"label", "rows", "median_ms", f"ratio_to_{off}", "times_ms", "counted_flops"} <= set(variant)
         assert variant["median_ms"] > 0 and len(variant["times_ms"]) == 2
-    floor = result["floor"]
-    assert {"floor_flops", "fraction", f"counted_extra_{nag}", f"counted_extra_{extra}", "floor_over_extra_pass"} <= set(floor)
-    assert floor["matmul_flops"] == floor[f"counted_extra_{nag}"] and 0 < floor["full_model_floor_over_extra_pass"] < 1
-    assert {f"{nag}_changed_by_nag", f"{extra}_cond_rows_vs_{off}", "finite"} <= set(result["checks"])
+    assert set(result["floors"]) == set(keys[1:-1]) and result["floor"] == result["floors"][nag]
+    for key, floor in result["floors"].items():
+        assert {"floor_flops", "fraction", f"counted_extra_{key}", f"counted_extra_{extra}", "floor_over_extra_pass"} <= set(floor)
+        assert floor["matmul_flops"] == floor[f"counted_extra_{key}"] and 0 < floor["full_model_floor_over_extra_pass"] < 1
+        assert f"{key}_changed_by_nag" in result["checks"]
+    assert {f"{extra}_cond_rows_vs_{off}", "finite"} <= set(result["checks"])
     assert "nag_extra_over_extra_pass" in result
     assert set(result["targets"]) == {"floor", "extra_pass"}
     assert all(isinstance(target["pass"], bool) for target in result["targets"].values())
