@@ -83,6 +83,7 @@ from bench_dit import (
     SD35Spec,
     run_dit_model,
 )
+from bench_neo import NEO_BENCHES, NEO_SIZES, NEO_TINY
 from ldm.modules.attention import CrossAttention, SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import linear
@@ -549,8 +550,8 @@ def profile_nag(bench: ModelBench, top: int = 14) -> dict[str, Any]:
 
 
 # The transformers measured at their real width: (the reduced depth, the CPU default; the full model, the CUDA default).
-SIZES: dict[str, tuple[Any, Any]] = {"chroma": (CHROMA_CPU, CHROMA)}
-BENCHES = DIT_BENCHES
+SIZES: dict[str, tuple[Any, Any]] = {"chroma": (CHROMA_CPU, CHROMA)} | NEO_SIZES
+BENCHES = DIT_BENCHES | NEO_BENCHES
 MODELS: dict[str, Any] = {
     "sd15": SD15,
     "sdxl": SDXL,
@@ -562,6 +563,7 @@ MODELS: dict[str, Any] = {
     "tiny-flux": TINY_FLUX,
     "tiny-sd35": TINY_SD35,
     "tiny-chroma": TINY_CHROMA,
+    **NEO_TINY,
 }
 
 
@@ -570,7 +572,8 @@ def dit_spec_for(name: str, args: argparse.Namespace) -> Any:
     size ``--dit-size`` picks; the tiny ones as they are."""
     spec = MODELS[name]
     if name in SIZES:
-        return SIZES[name][args.dit_size == "full"]
+        sized = SIZES[name][args.dit_size == "full"]
+        return replace(sized, frames=args.wan_frames) if name == "wan" else sized
     if spec is FLUX:
         double, single = args.flux_blocks
         return replace(
@@ -833,7 +836,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats",
         type=int,
         default=None,
-        help="timed steps per variant, even (default on CPU: SD1.5 10, SDXL 6, Flux and SD3.5 6; on CUDA 30)",
+        help="timed steps per variant, even (default on CPU: SD1.5 10, SDXL 6, Flux and SD3.5 6, Wan 10, Qwen-Image 6, Lumina 2 and "
+        "ERNIE-Image 4, the others 2; on CUDA 30)",
     )
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed passes over the variants before timing, after the first (default CPU 0, CUDA 2)"
@@ -846,7 +850,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-malloc", action="store_true", help="do not set GLIBC_TUNABLES (see keep_freed_memory)")
-    parser.add_argument("--profile", action="store_true", help="also profile one (a) and one (b) step and list what (b) adds")
+    parser.add_argument("--wan-frames", type=int, default=1, help="Wan's latent frames (default 1: a 1024²-shaped frame, 4096 tokens)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one (a) and one (b) step and list what (b) adds; for wan, one (off) and one (nag) step and the kernels' rates",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     args = parser.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
@@ -871,7 +880,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def default_repeats(spec: Any, args: argparse.Namespace) -> int:
     if torch.device(args.device).type == "cuda":
         return 30
-    return {SD15.name: 10, SDXL.name: 6, FLUX.name: 6, SD35.name: 6}.get(spec.name, 2)
+    # Each run a few minutes on a core: one step of the reduced Chroma, Z-Image, Flux.2 or Krea takes 20-40 s.
+    per_model = {SD15.name: 10, SDXL.name: 6, FLUX.name: 6, SD35.name: 6, "Qwen-Image": 6, "Lumina 2": 4, "ERNIE-Image": 4, "Wan 1.3B": 10}
+    return per_model.get(spec.name, 2)
 
 
 def resolution_for(name: str, args: argparse.Namespace) -> int:
@@ -938,6 +949,11 @@ def header(args: argparse.Namespace) -> list[str]:
         f"{args.sd35_hidden} ({args.sd35_hidden // SD35_HEAD_DIM} heads of {SD35_HEAD_DIM}; SD3.5 Large: 2432), {args.sd35_blocks} "
         "joint blocks, the last pre_only (SD3.5 Large: 38). On CPU the default is 1024 wide, 2 blocks, 6 steps per variant; on CUDA "
         "SD3.5 Large's full size. Timed like Flux, ratios to (i); no memory measurement.",
+        f"Chroma and Forge Neo's families (--models {','.join(SIZES)}): their stand-ins with random weights at 1024²-shaped tokens, "
+        f"CFG 1, at their {args.dit_size} size (--dit-size: reduced, their real width at a reduced depth, is the CPU default; full, "
+        "the CUDA default), the prompt and the NAG negative of the family's usual length; each section gives the blocks, widths and "
+        "tokens. Timed like Flux, ratios to (off), with NAG off, NAG as this project does it and an extra full pass; targets: NAG's "
+        "extra cost within 1.2× its analytic floor and ≤ 0.4 of an extra pass (issue 15), Wan's ≤ +5 % per step (issue 16).",
     ]
 
 

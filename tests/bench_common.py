@@ -40,7 +40,9 @@ SOFTMAX_FLOPS_PER_SCORE = 5  # max, subtract, exp, sum, divide
 def init_weights(unet: nn.Module, seed: int) -> None:
     """PyTorch's default init in distribution (U(±1/√fan_in) for conv/linear weight and bias;
     norms 1 and 0), also for ldm's zero-initialised out-projections, so every layer matters.
-    Drawn straight into the final storage: ~4× faster than ``reset_parameters`` on CPU."""
+    Parameters outside such layers (Wan's and Krea's modulation tables, NextDiT's pad tokens, Krea's
+    norm scales, which add to 1) are drawn from U(±1/√width) too. Drawn straight into the final
+    storage: ~4× faster than ``reset_parameters`` on CPU."""
     generator = torch.Generator(device=next(unet.parameters()).device).manual_seed(seed)
     done = set()
     with torch.no_grad():
@@ -58,12 +60,13 @@ def init_weights(unet: nn.Module, seed: int) -> None:
             elif isinstance(module, RMSNorm):  # Flux's q/k norms
                 module.scale.fill_(1.0)
                 done.add(module.scale)
-            elif isinstance(module, MMDiTRMSNorm):  # SD3.5's q/k norms
+            elif isinstance(module, (MMDiTRMSNorm, nn.RMSNorm)) and module.weight is not None:  # SD3.5's q/k norms; torch's
                 module.weight.fill_(1.0)
                 done.add(module.weight)
-    missing = [name for name, param in unet.named_parameters() if param not in done]
-    if missing:
-        raise RuntimeError(f"parameters left uninitialised: {missing[:5]}")
+        for param in unet.parameters():
+            if param not in done:
+                bound = 1.0 / math.sqrt(param.shape[-1])
+                param.uniform_(-bound, bound, generator=generator)
 
 
 def materialized(model: nn.Module, device: torch.device | str, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -231,5 +234,5 @@ def time_interleaved(timed: Callable[[str], float], keys: list[str], repeats: in
 def padded_to_longest(*contexts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Contexts of different token counts padded with their last token to the longest, so that one
     call can take them all (an extra pass's batch; only for unusual token counts)."""
-    longest = max(c.shape[1] for c in contexts)
-    return tuple(F.pad(c, (0, 0, 0, longest - c.shape[1]), mode="replicate") for c in contexts)
+    longest = max(c.shape[-2] for c in contexts)  # the token axis: [B, L, C], or Krea's [B, 1, L, C]
+    return tuple(F.pad(c, (0, 0, 0, longest - c.shape[-2]), mode="replicate") for c in contexts)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 from unittest import mock
 
+import bench_common  # noqa: F401  (imported first: it puts the stand-ins on the path)
 import torch
 from backend.nn.chroma import IntegratedChromaTransformer2DModel
 from backend.nn.flux import IntegratedFluxTransformer2DModel
@@ -208,14 +209,14 @@ def _stream_flops(spec: PatchTokens, tokens: int) -> int:
     return tokens * 2 * (4 * d * d + 2 * d * spec.mlp_hidden)
 
 
-def _attention_flops(spec: PatchTokens, tokens: int) -> int:
+def attention_flops(spec: Any, tokens: int) -> int:
     """QKᵀ and AV of one joint attention over ``tokens``."""
     return 4 * tokens * tokens * spec.hidden_size
 
 
 def _single_block_flops(spec: FluxSpec, tokens: int) -> int:
     """One row of a single-stream block over ``tokens``: its stream, modulation and attention."""
-    return _stream_flops(spec, tokens) + 2 * spec.hidden_size * 3 * spec.hidden_size + _attention_flops(spec, tokens)
+    return _stream_flops(spec, tokens) + 2 * spec.hidden_size * 3 * spec.hidden_size + attention_flops(spec, tokens)
 
 
 def _text_embedding_flops(spec: FluxSpec | SD35Spec, text_tokens: int) -> int:
@@ -224,14 +225,14 @@ def _text_embedding_flops(spec: FluxSpec | SD35Spec, text_tokens: int) -> int:
     return 2 * text_tokens * spec.context_dim * d + 2 * (spec.pooled_dim * d + d * d)
 
 
-def _elementwise_flops(spec: FluxSpec | SD35Spec, image_tokens: int, blocks: int, batch: int) -> int:
+def elementwise_flops(spec: Any, image_tokens: int, blocks: int, batch: int) -> int:
     """The NAG combine on the image tokens and the softmax of the second attention, in ``blocks`` blocks."""
     joint = spec.negative_tokens + image_tokens
     per_block = NAG_FLOPS_PER_Z * image_tokens * spec.hidden_size + SOFTMAX_FLOPS_PER_SCORE * spec.num_heads * joint * joint
     return batch * blocks * per_block
 
 
-def _floor(parts: dict[str, int], batch: int, matmul: int, elementwise: int) -> dict[str, int]:
+def floor_of(parts: dict[str, int], batch: int, matmul: int, elementwise: int) -> dict[str, int]:
     """The floor's parts (per row) for ``batch`` rows, its matmul and elementwise FLOPs and their sum."""
     return {name: batch * flops for name, flops in parts.items()} | {
         "matmul_flops": matmul,
@@ -252,19 +253,19 @@ def flux_nag_flops(spec: FluxSpec, image_tokens: int, batch: int = 1) -> dict[st
     every block and the softmax of the second attention.
     """
     d, text, joint = spec.hidden_size, spec.negative_tokens, spec.negative_tokens + image_tokens
-    per_double = _stream_flops(spec, text) + 2 * d * 6 * d + _attention_flops(spec, joint)
+    per_double = _stream_flops(spec, text) + 2 * d * 6 * d + attention_flops(spec, joint)
     per_single = _single_block_flops(spec, joint)
     embeddings = _text_embedding_flops(spec, text)
     matmul = batch * (embeddings + spec.double_blocks * per_double + spec.single_blocks * per_single)
-    elementwise = _elementwise_flops(spec, image_tokens, spec.double_blocks + spec.single_blocks, batch)
-    return _floor({"per_double_block": per_double, "per_single_block": per_single, "embeddings": embeddings}, batch, matmul, elementwise)
+    elementwise = elementwise_flops(spec, image_tokens, spec.double_blocks + spec.single_blocks, batch)
+    return floor_of({"per_double_block": per_double, "per_single_block": per_single, "embeddings": embeddings}, batch, matmul, elementwise)
 
 
 def flux_pass_flops(spec: FluxSpec, image_tokens: int, batch: int = 1) -> int:
     """Matmul FLOPs of one forward over ``batch`` rows, analytically (what (h) adds to (f))."""
     d, patch, text = spec.hidden_size, 4 * spec.latent_channels, max(spec.prompt_tokens, spec.negative_tokens)
     joint = text + image_tokens
-    per_double = _stream_flops(spec, joint) + 2 * 2 * d * 6 * d + _attention_flops(spec, joint)
+    per_double = _stream_flops(spec, joint) + 2 * 2 * d * 6 * d + attention_flops(spec, joint)
     embeddings = 2 * image_tokens * patch * d + _text_embedding_flops(spec, text) + 2 * 2 * (256 * d + d * d)  # + time_in, guidance_in
     final = 2 * d * 2 * d + 2 * image_tokens * d * patch
     return batch * (embeddings + spec.double_blocks * per_double + spec.single_blocks * _single_block_flops(spec, joint) + final)
@@ -282,12 +283,12 @@ def chroma_nag_flops(spec: ChromaSpec, image_tokens: int, batch: int = 1, text_a
     part as for Flux.
     """
     text, joint = spec.negative_tokens, spec.negative_tokens + image_tokens
-    per_double = _stream_flops(spec, text) + _attention_flops(spec, joint)
-    per_single = _stream_flops(spec, text if text_alone else joint) + _attention_flops(spec, joint)
+    per_double = _stream_flops(spec, text) + attention_flops(spec, joint)
+    per_single = _stream_flops(spec, text if text_alone else joint) + attention_flops(spec, joint)
     embeddings = 2 * text * spec.context_dim * spec.hidden_size
     matmul = batch * (embeddings + spec.double_blocks * per_double + spec.single_blocks * per_single)
-    elementwise = _elementwise_flops(spec, image_tokens, spec.double_blocks + spec.single_blocks, batch)
-    return _floor({"per_double_block": per_double, "per_single_block": per_single, "embeddings": embeddings}, batch, matmul, elementwise)
+    elementwise = elementwise_flops(spec, image_tokens, spec.double_blocks + spec.single_blocks, batch)
+    return floor_of({"per_double_block": per_double, "per_single_block": per_single, "embeddings": embeddings}, batch, matmul, elementwise)
 
 
 def chroma_pass_flops(spec: ChromaSpec, image_tokens: int, batch: int = 1) -> int:
@@ -296,7 +297,7 @@ def chroma_pass_flops(spec: ChromaSpec, image_tokens: int, batch: int = 1) -> in
     joint, width, vectors = text + image_tokens, spec.approximator_width, spec.modulation_vectors
     approximator = 2 * vectors * (64 * width + spec.approximator_layers * 2 * width * width + width * d)
     embeddings = 2 * image_tokens * patch * d + approximator + 2 * text * spec.context_dim * d
-    per_block = _stream_flops(spec, joint) + _attention_flops(spec, joint)  # double (image and text streams) = single
+    per_block = _stream_flops(spec, joint) + attention_flops(spec, joint)  # double (image and text streams) = single
     final = 2 * image_tokens * d * patch
     return batch * (embeddings + (spec.double_blocks + spec.single_blocks) * per_block + final)
 
@@ -318,20 +319,20 @@ def sd35_nag_flops(spec: SD35Spec, image_tokens: int, batch: int = 1) -> dict[st
     softmax of the second attention.
     """
     d, text, joint = spec.hidden_size, spec.negative_tokens, spec.negative_tokens + image_tokens
-    per_block = _stream_flops(spec, text) + 2 * d * 6 * d + _attention_flops(spec, joint)
-    last_block = _last_context_flops(spec, text) + _attention_flops(spec, joint)
+    per_block = _stream_flops(spec, text) + 2 * d * 6 * d + attention_flops(spec, joint)
+    last_block = _last_context_flops(spec, text) + attention_flops(spec, joint)
     embeddings = _text_embedding_flops(spec, text)
     matmul = batch * (embeddings + (spec.joint_blocks - 1) * per_block + last_block)
-    elementwise = _elementwise_flops(spec, image_tokens, spec.joint_blocks, batch)
-    return _floor({"per_joint_block": per_block, "last_joint_block": last_block, "embeddings": embeddings}, batch, matmul, elementwise)
+    elementwise = elementwise_flops(spec, image_tokens, spec.joint_blocks, batch)
+    return floor_of({"per_joint_block": per_block, "last_joint_block": last_block, "embeddings": embeddings}, batch, matmul, elementwise)
 
 
 def sd35_pass_flops(spec: SD35Spec, image_tokens: int, batch: int = 1) -> int:
     """Matmul FLOPs of one forward over ``batch`` rows, analytically (what (k) adds to (i))."""
     d, patch, text = spec.hidden_size, 4 * spec.latent_channels, max(spec.prompt_tokens, spec.negative_tokens)
     joint, image_block = text + image_tokens, _stream_flops(spec, image_tokens) + 2 * d * 6 * d
-    per_block = _stream_flops(spec, text) + 2 * d * 6 * d + image_block + _attention_flops(spec, joint)
-    last_block = _last_context_flops(spec, text) + image_block + _attention_flops(spec, joint)
+    per_block = _stream_flops(spec, text) + 2 * d * 6 * d + image_block + attention_flops(spec, joint)
+    last_block = _last_context_flops(spec, text) + image_block + attention_flops(spec, joint)
     embeddings = 2 * image_tokens * patch * d + _text_embedding_flops(spec, text) + 2 * (256 * d + d * d)  # + t_embedder
     final = 2 * d * 2 * d + 2 * image_tokens * d * patch
     return batch * (embeddings + (spec.joint_blocks - 1) * per_block + last_block + final)
@@ -563,6 +564,7 @@ class ChromaBench(DiTBench):
     variants = CHROMA_VARIANTS
     row_arguments = ("timestep",)
     full_model = CHROMA
+    nag_flops = staticmethod(chroma_nag_flops)  # with the shortcut; nag_flops_of gives (full-stream)'s
     pass_flops = staticmethod(chroma_pass_flops)
     targets = SHORTCUT_TARGETS
     spec: ChromaSpec
