@@ -7,6 +7,7 @@ are in bench_neo.py."""
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -72,12 +73,11 @@ class PatchTokens:
 
     hidden_size: int
     mlp_ratio: float
+    latent_channels: int
 
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
-
-    latent_channels: int
 
     @staticmethod
     def image_tokens(resolution: int) -> int:
@@ -428,9 +428,9 @@ class DiTBench(ABC):
     def floor_text(self, floor: dict[str, Any], key: str) -> str:
         """What the floor of NAG variant ``key`` counts, per block."""
 
-    def profile(self) -> list[str]:
-        """Lines on where NAG's extra time goes (``--profile``); none for a family that runs the whole model."""
-        return []
+    def profile(self, medians: dict[str, float]) -> list[str]:
+        """Lines on where NAG's extra time goes (``--profile``; ``medians``: each variant's median step, s)."""
+        return op_profile(self, medians)
 
     def _extra_pass(self, cond: dict[str, Any], negative: Any) -> dict[str, Any]:
         """The cond rows and one row per image with the NAG negative as its prompt, in one call."""
@@ -466,6 +466,86 @@ class DiTBench(ABC):
     @property
     def nag_keys(self) -> list[str]:
         return list(self.variants)[1:-1]
+
+
+OP_KINDS = {  # the kind of an op (and of every op it calls), by the profiler's name
+    "aten::scaled_dot_product_attention": "attention (SDPA)",
+    "aten::mm": "matmuls",
+    "aten::addmm": "matmuls",
+    "aten::bmm": "matmuls",
+    "aten::copy_": "copies (copy_, cat, index)",
+    "aten::cat": "copies (copy_, cat, index)",
+    "aten::index_select": "copies (copy_, cat, index)",
+    "aten::index_copy_": "copies (copy_, cat, index)",
+}
+OTHER_OPS = "the rest (elementwise, norms, RoPE, …)"
+
+
+def _op_flops(name: str, shapes: list) -> int:
+    """The FLOPs of a matmul or SDPA event from its input shapes (2 per multiply-add)."""
+    if name == "aten::scaled_dot_product_attention":
+        (batch, heads, queries, width), keys = shapes[0], shapes[1][-2]
+        return 4 * batch * heads * queries * keys * width
+    if name in ("aten::mm", "aten::addmm"):
+        first, second = shapes[:2] if name == "aten::mm" else shapes[1:3]  # addmm: bias, mat1, mat2, beta, alpha
+        return 2 * first[0] * first[1] * second[1]
+    if name == "aten::bmm":
+        return 2 * math.prod(shapes[0]) * shapes[1][-1]
+    return 0
+
+
+def op_time_by_kind(events: Any) -> dict[str, tuple[float, int]]:
+    """Self time (ms) and FLOPs by kind of op: every op counts once, in the kind of its outermost ancestor
+    that has one (the copies inside a matmul are the matmul's)."""
+    kinds: dict[str, tuple[float, int]] = {}
+    for event in events:
+        kind, flops, ancestor = OTHER_OPS, 0, event
+        while ancestor is not None:
+            if ancestor.name in OP_KINDS:
+                kind = OP_KINDS[ancestor.name]
+                flops = _op_flops(event.name, event.input_shapes) if ancestor is event else 0
+            ancestor = ancestor.cpu_parent
+        ms, counted = kinds.get(kind, (0.0, 0))
+        kinds[kind] = (ms + event.self_cpu_time_total / 1e3, counted + flops)
+    return kinds
+
+
+def op_profile(bench: DiTBench, medians: dict[str, float]) -> list[str]:
+    """Where (nag)'s extra time goes, by kind of op: one (off) and one (nag) step under torch.profiler (input
+    shapes recorded), each op's self time summed by kind (SDPA, matmuls, copies, the rest), and the rate
+    (GFLOP/s) of each kind's work in (off) and of what (nag) adds. One step each: the differences carry the
+    step-to-step noise; the kinds' rates tell NAG's overhead (copies, elementwise) from the kernels'
+    efficiency (attention runs slower per FLOP than matmuls on a CPU)."""
+    off, nag = bench.off, bench.nag_key
+    profiled = {}
+    for key in (off, nag):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            bench.run(key)
+        profiled[key] = op_time_by_kind(prof.events())
+    kinds = [kind for kind in (*dict.fromkeys(OP_KINDS.values()), OTHER_OPS) if kind in profiled[off] or kind in profiled[nag]]
+
+    def rate(ms: float, flops: int) -> str:
+        return f"{flops / ms / 1e6:,.0f}" if flops and ms > 0 else "—"
+
+    rows = []
+    for kind in kinds:
+        (off_ms, off_flops), (nag_ms, nag_flops) = profiled[off].get(kind, (0.0, 0)), profiled[nag].get(kind, (0.0, 0))
+        added_ms, added_flops = nag_ms - off_ms, nag_flops - off_flops
+        rows.append(
+            f"| {kind} | {off_ms:,.0f} | {rate(off_ms, off_flops)} | {nag_ms:,.0f} | {added_ms:+,.0f} | {added_flops / 1e9:,.1f} | "
+            f"{rate(added_ms, added_flops)} |"
+        )
+    totals = [sum(ms for ms, _ in profiled[key].values()) for key in (off, nag)]
+    return [
+        "",
+        f"Profile (--profile) of one ({off}) and one ({nag}) step by kind of op (self time; FLOPs from the ops' shapes): "
+        f"{totals[0]:,.0f} and {totals[1]:,.0f} ms of ops ({totals[1] / totals[0] - 1:+.1%}; the timed medians: "
+        f"{medians[nag] / medians[off] - 1:+.1%}).",
+        "",
+        f"| kind | ({off}) ms | ({off}) GFLOP/s | ({nag}) ms | added ms | added GFLOP | added GFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def patched(owner: Any, name: str, value: Any) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
@@ -666,10 +746,10 @@ def run_dit_model(
     checks = bench.checks(outputs)
     del outputs
     times = time_interleaved(bench.timed, keys, repeats, args.warmup)
-    profile = bench.profile() if args.profile else []
+    stats = timing_stats(times, base=off)
+    profile = bench.profile(stats["medians"]) if args.profile else []
     measure_s = time.perf_counter() - started
 
-    stats = timing_stats(times, base=off)
     floors = {key: floor_counted(bench, key, counted, negative_tokens) for key in bench.nag_keys}
     floor = floors[nag]
     targets = dit_targets(stats, nag, extra, floor["fraction"], bench.targets)

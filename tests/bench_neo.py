@@ -20,6 +20,7 @@ tests check against FlopCounterMode on tiny specs (counted = analytic for the ma
 from __future__ import annotations
 
 import math
+import statistics
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass, replace
@@ -37,11 +38,12 @@ from backend.nn.lumina import NextDiT
 from backend.nn.qwen import QwenImageTransformer2DModel
 from backend.nn.wan import WanModel
 from backend.patcher.unet import UnetPatcher
-from bench_common import NAG_FLOPS_PER_Z, NAG_PARAMS, SOFTMAX_FLOPS_PER_SCORE, materialized
+from bench_common import NAG_FLOPS_PER_Z, NAG_PARAMS, SOFTMAX_FLOPS_PER_SCORE, elapsed, materialized
 from bench_dit import SHORTCUT_TARGETS, DiTBench, attention_flops, elementwise_flops, floor_of, patched
 from modules import prompt_parser, script_callbacks, shared
 from torch import nn
 
+from lib_nag.guidance import nag_combine
 from lib_nag.models import ernie, krea, nextdit, qwen
 from lib_nag.models.flux import nag_forward as flux_nag_forward
 from lib_nag.models.flux2 import flux2_modulations
@@ -732,89 +734,87 @@ class WanBench(NeoBench):
 
         return forward
 
-    def profile(self) -> list[str]:
-        return cross_attention_profile(self)
+    def profile(self, medians: dict[str, float]) -> list[str]:
+        return super().profile(medians) + block_profile(self, medians)
 
 
-GUIDE_ROWS = "NAG guide_rows"
+def median_ms(call: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """The median time of ``repeats`` calls, in ms, after one untimed call."""
+    call()
+    return statistics.median(elapsed(call, device) for _ in range(repeats)) * 1e3
 
 
-def _within(event: Any, label: str) -> bool:
-    parent = event.cpu_parent
-    while parent is not None and parent.name != label:
-        parent = parent.cpu_parent
-    return parent is not None
-
-
-def _profiled(bench: DiTBench, key: str) -> tuple[float, Any]:
-    """One step of variant ``key`` under the profiler, shapes recorded: its ms and its events."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        step_ms = bench.timed(key) * 1e3
-    return step_ms, prof.events()
-
-
-def kernel_rates(events: Any) -> dict[str, tuple[int, float, float]]:
-    """Per kind of kernel, (calls, ms, GFLOP): the linear layers, and SDPA as self-attention (as many keys
-    as queries), as cross-attention and, inside ``guide_rows``, as Z⁻."""
-    rates: dict[str, tuple[int, float, float]] = {}
-    for event in events:
-        shapes = event.input_shapes
-        if event.name == "aten::linear" and len(shapes) > 1 and shapes[1]:
-            kind, flops = "linear layers", 2 * math.prod(shapes[0][:-1]) * shapes[1][0] * shapes[1][1]
-        elif event.name == "aten::scaled_dot_product_attention":
-            (batch, heads, queries, width), keys = shapes[0], shapes[1][2]
-            kind = "Z⁻ (NAG)" if _within(event, GUIDE_ROWS) else "self-attention" if keys == queries else "cross-attention (host)"
-            flops = 4 * batch * heads * queries * keys * width
-        else:
-            continue
-        calls, ms, gflop = rates.get(kind, (0, 0.0, 0.0))
-        rates[kind] = (calls + 1, ms + event.cpu_time_total / 1e3, gflop + flops / 1e9)
-    return rates
-
-
-def cross_attention_profile(bench: DiTBench, top: int = 8) -> list[str]:
-    """Where (nag)'s extra time goes, without subtracting two noisy step totals: one (off) and one (nag) step
-    under the profiler, ``lib_nag.attention.guide_rows`` (Z⁻ and the NAG combine, called from the
-    out-projection's pre-hook) marked. Lines: its share of the step, the ops inside it, and the rates of the
-    model's own kernels beside Z⁻'s, which tell NAG's overhead from the CPU kernels' efficiency (Z⁻ has the
-    shape of the host's own cross-attention core)."""
+def block_profile(bench: WanBench, medians: dict[str, float], repeats: int = 9) -> list[str]:
+    """Where (nag)'s extra time goes, at the real shapes of one block and free of the step-to-step noise: the
+    inputs of one ``lib_nag.attention.guide_rows`` call (Z⁻ and the NAG combine, run by the out-projection's
+    pre-hook) are kept from a (nag) step, then each part of NAG's work in a block is timed (median of
+    ``repeats`` calls) beside the layer's own query projection, a linear layer of the model: the rate at
+    which the FLOP floor would take its time. Z⁻ has the shape of the host's own cross-attention core."""
     from lib_nag import attention as nag_module
 
+    kept: list[tuple] = []
     original = nag_module.guide_rows
 
-    def traced(*args: Any, **kwargs: Any) -> torch.Tensor:
-        with torch.profiler.record_function(GUIDE_ROWS):
-            return original(*args, **kwargs)
+    def keep(*args: Any) -> torch.Tensor:
+        if not kept:
+            kept.append((args[0].clone(), *args[1:]))
+        return original(*args)
 
-    nag_module.guide_rows = traced
+    nag_module.guide_rows = keep
     try:
-        off_ms, off_events = _profiled(bench, bench.off)
-        nag_ms, nag_events = _profiled(bench, bench.nag_key)
+        bench.run(bench.nag_key)
     finally:
         nag_module.guide_rows = original
-    spans = [event.cpu_time_total / 1e3 for event in nag_events if event.name == GUIDE_ROWS]
-    inside: dict[str, tuple[float, int]] = {}
-    for event in nag_events:
-        if event.name != GUIDE_ROWS and _within(event, GUIDE_ROWS):
-            ms, calls = inside.get(event.name, (0.0, 0))
-            inside[event.name] = (ms + event.self_cpu_time_total / 1e3, calls + 1)
-    rates = kernel_rates(off_events) | {kind: rate for kind, rate in kernel_rates(nag_events).items() if kind == "Z⁻ (NAG)"}
-    lines = [
+    z, q, positive, k, v, heads, params, attend, _text = kept[0]
+    module, device, spec = cross_attention_layers(bench.model)[0], bench.device, bench.spec
+    k, v = positive.negatives(k), positive.negatives(v)
+    rows = positive.take(z)
+    copies = [z.clone() for _ in range(repeats + 1)]
+    with torch.no_grad():
+        z_negative = attend(q, k, v, heads)
+        parts = {
+            "the layer's query projection (a linear layer of the model)": (
+                median_ms(lambda: module.q(z), device, repeats),
+                linear_flops(z.shape[1], spec.hidden_size, spec.hidden_size),
+            ),
+            f"Z⁻: SDPA of the image queries against the {k.shape[1]} cached K⁻/V⁻": (
+                median_ms(lambda: attend(q, k, v, heads), device, repeats),
+                4 * q.shape[1] * k.shape[1] * spec.hidden_size,
+            ),
+            "the NAG combine (Z̃, two L1 norms, τ cap, α blend; fp32)": (
+                median_ms(lambda: nag_combine(rows, z_negative, params.scale, params.tau, params.alpha), device, repeats),
+                0,
+            ),
+            "guide_rows: Z⁻, the combine, the guided rows written back": (
+                median_ms(lambda: original(copies.pop(), q, positive, k, v, heads, params, attend), device, repeats),
+                0,
+            ),
+            "the hooks' copy of the positive queries and their q-norm": (
+                median_ms(lambda: module.norm_q(positive.take(z).clone()), device, repeats),
+                0,
+            ),
+        }
+    (linear_ms, linear_flop), (z_ms, z_flop), (combine_ms, _), (guide_ms, _), (hook_ms, _) = parts.values()
+    rate = linear_flop / linear_ms  # FLOPs per ms
+    per_step, floor_ms = spec.blocks * (guide_ms + hook_ms), bench.floor()["floor_flops"] / rate
+    off_ms = medians[bench.off] * 1e3
+    return [
         "",
-        f"Profile (--profile) of one ({bench.off}) and one ({bench.nag_key}) step, shapes recorded: {off_ms:,.0f} and {nag_ms:,.0f} ms "
-        f"under the profiler ({nag_ms / off_ms - 1:+.1%}). guide_rows (Z⁻ and the NAG combine) ran {len(spans)} times, "
-        f"{sum(spans):,.1f} ms = {sum(spans) / nag_ms:.2%} of the ({bench.nag_key}) step; the rest of the difference is the hooks' "
-        "own work (the positive queries' copy and q-norm) and noise.",
+        f"Profile (--profile): NAG's work in one block at its real shapes, each part the median of {repeats} calls:",
         "",
-        "| op inside guide_rows | self ms | calls |",
-        "|---|---:|---:|",
-        *(f"| {name} | {ms:,.1f} | {calls} |" for name, (ms, calls) in sorted(inside.items(), key=lambda item: -item[1][0])[:top]),
+        "| part | ms per block | GFLOP | GFLOP/s |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {part} | {ms:,.1f} | {flop / 1e9:,.2f} | {flop / ms / 1e6:,.1f} |" if flop else f"| {part} | {ms:,.1f} | — | — |"
+            for part, (ms, flop) in parts.items()
+        ),
         "",
-        "| kernel | calls | ms | GFLOP | GFLOP/s |",
-        "|---|---:|---:|---:|---:|",
-        *(f"| {kind} | {calls} | {ms:,.1f} | {gflop:,.1f} | {gflop / ms * 1e3:,.1f} |" for kind, (calls, ms, gflop) in rates.items()),
+        f"Per step, {spec.blocks} block(s) × (guide_rows + the hooks' work) = {per_step:,.0f} ms = {per_step / off_ms:.1%} of the (off) "
+        f"step's median {off_ms:,.0f} ms; the analytic floor at the linear layers' rate would take {floor_ms:,.0f} ms = "
+        f"{floor_ms / off_ms:.1%}. Z⁻'s SDPA runs at {z_flop / z_ms / rate:.0%} of that rate (+{z_ms - z_flop / rate:,.1f} ms per block); "
+        f"the elementwise work (the combine, the rows written back, the queries' copy and norm) takes "
+        f"{guide_ms - z_ms + hook_ms:,.1f} ms per block, of which the combine {combine_ms:,.1f}.",
     ]
-    return lines
 
 
 NEO_BENCHES: dict[type, type[DiTBench]] = {
