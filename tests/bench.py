@@ -32,6 +32,14 @@ tokens (4096 image + 333 text: Forge's 77 CLIP + 256 T5), at CFG 1 (SD3.5 Large 
 - (j) NAG as this project does it: ``lib_nag.models.mmdit.nag_forward`` with Forge's rows
   (``forge_rows``), a NAG negative of 333 tokens.
 - (k) an extra full pass: the model's forward over 2B rows (cond, NAG negative).
+
+``--models chroma`` (Forge's Chroma at Flux.1's width) and Forge Neo's families (``qwen``, ``zimage``,
+``lumina2``, ``flux2``, ``ernie``, ``krea``, ``wan``) build their stand-ins at their real width, on CPU at
+a reduced depth (``--dit-size full``: the full model, the CUDA default), at 1024²-shaped tokens and CFG 1:
+(off) NAG off, (nag) NAG as this project does it, (extra) an extra full pass; Chroma also (full-stream),
+NAG with the NAG rows a whole stream in the single blocks (the shortcut off). Each family's spec, floor
+and variants are in bench_dit.py (Chroma) and bench_neo.py; the framework in bench_dit.py, what every
+benchmark shares (random weights, FLOP counter, timing) in bench_common.py.
 """
 
 from __future__ import annotations
