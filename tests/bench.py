@@ -32,6 +32,14 @@ tokens (4096 image + 333 text: Forge's 77 CLIP + 256 T5), at CFG 1 (SD3.5 Large 
 - (j) NAG as this project does it: ``lib_nag.models.mmdit.nag_forward`` with Forge's rows
   (``forge_rows``), a NAG negative of 333 tokens.
 - (k) an extra full pass: the model's forward over 2B rows (cond, NAG negative).
+
+``--models chroma`` (Forge's Chroma at Flux.1's width) and Forge Neo's families (``qwen``, ``zimage``,
+``lumina2``, ``flux2``, ``ernie``, ``krea``, ``wan``) build their stand-ins at their real width, on CPU at
+a reduced depth (``--dit-size full``: the full model, the CUDA default), at 1024²-shaped tokens and CFG 1:
+(off) NAG off, (nag) NAG as this project does it, (extra) an extra full pass; Chroma also (full-stream),
+NAG with the NAG rows a whole stream in the single blocks (the shortcut off). Each family's spec, floor
+and variants are in bench_dit.py (Chroma) and bench_neo.py; the framework in bench_dit.py, what every
+benchmark shares (random weights, FLOP counter, timing) in bench_common.py.
 """
 
 from __future__ import annotations
@@ -40,43 +48,58 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
-import statistics
 import sys
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tests" / "forge", ROOT / "tests" / "a1111"):  # the repository, the stand-ins of Forge's and A1111's code
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+import torch
+from bench_common import (
+    DTYPES,
+    MIB,
+    NAG_FLOPS_PER_Z,
+    NAG_PARAMS,
+    QUIET,
+    SOFTMAX_FLOPS_PER_SCORE,
+    count_params,
+    counted_flops,
+    cpu_step_peak_and_op,
+    elapsed,
+    init_weights,
+    padded_to_longest,
+    spread,
+    synchronize,
+    time_interleaved,
+    timing_stats,
+)
+from bench_dit import (
+    CHROMA,
+    CHROMA_CPU,
+    DIT_BENCHES,
+    FLUX,
+    HEAD_DIM,
+    SD35,
+    SD35_HEAD_DIM,
+    TINY_CHROMA,
+    TINY_FLUX,
+    TINY_SD35,
+    FluxSpec,
+    SD35Spec,
+    run_dit_model,
+)
+from bench_neo import NEO_BENCHES, NEO_SIZES, NEO_TINY
+from ldm.modules.attention import CrossAttention, SpatialTransformer
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.modules.diffusionmodules.util import linear
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from backend.nn.flux import IntegratedFluxTransformer2DModel, RMSNorm  # noqa: E402
-from backend.nn.mmditx import MMDiTX  # noqa: E402
-from ldm.modules.attention import CrossAttention, SpatialTransformer  # noqa: E402
-from ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
-from ldm.modules.diffusionmodules.util import linear  # noqa: E402
-from modules.models.sd3.mmdit import RMSNorm as MMDiTRMSNorm  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
+from lib_nag.attention import CrossAttentionNag, NegativeKV, PositiveRows, attention
+from lib_nag.guidance import nag_combine
 
-from lib_nag.attention import CrossAttentionNag, NegativeKV, PositiveRows, attention  # noqa: E402
-from lib_nag.guidance import nag_combine  # noqa: E402
-from lib_nag.models.flux import nag_forward as flux_nag_forward  # noqa: E402
-from lib_nag.models.mmdit import nag_forward as mmdit_nag_forward  # noqa: E402
-from lib_nag.params import NagParams  # noqa: E402
-from lib_nag.webui.forge_patcher import forge_rows  # noqa: E402
-
-MIB = 2**20
-NAG_PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
 VARIANTS = {
     "a": "(a) NAG off, CFG batch",
     "b": "(b) NAG on (this project)",
@@ -85,9 +108,6 @@ VARIANTS = {
     "e": "(e) NAG on, CFG 1, uncond skipped",
 }
 TARGETS = {"overhead": 0.03, "floor_factor": 1.5, "cfg1_ratio": 0.55, "memory": 0.02}
-# Elementwise work of the NAG branch, FLOPs per element (see analytic_floor).
-NAG_FLOPS_PER_Z = 10  # guided (3), two L1 norms (abs + sum, 4), blend (3)
-SOFTMAX_FLOPS_PER_SCORE = 5  # max, subtract, exp, sum, divide
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -155,35 +175,6 @@ def spatial_transformers(unet: UNetModel, spec: UNetSpec) -> Iterator[tuple[Spat
                 yield layer, depth
 
 
-def init_weights(unet: nn.Module, seed: int) -> None:
-    """PyTorch's default init in distribution (U(±1/√fan_in) for conv/linear weight and bias;
-    norms 1 and 0), also for ldm's zero-initialised out-projections, so every layer matters.
-    Drawn straight into the final storage: ~4× faster than ``reset_parameters`` on CPU."""
-    generator = torch.Generator(device=next(unet.parameters()).device).manual_seed(seed)
-    done = set()
-    with torch.no_grad():
-        for module in unet.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv1d, nn.Conv3d)):
-                bound = 1.0 / math.sqrt(module.weight[0].numel())
-                for param in (module.weight, module.bias):
-                    if param is not None:
-                        param.uniform_(-bound, bound, generator=generator)
-                        done.add(param)
-            elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-                done.update((module.weight, module.bias))
-            elif isinstance(module, RMSNorm):  # Flux's q/k norms
-                module.scale.fill_(1.0)
-                done.add(module.scale)
-            elif isinstance(module, MMDiTRMSNorm):  # SD3.5's q/k norms
-                module.weight.fill_(1.0)
-                done.add(module.weight)
-    missing = [name for name, param in unet.named_parameters() if param not in done]
-    if missing:
-        raise RuntimeError(f"parameters left uninitialised: {missing[:5]}")
-
-
 def build_unet(spec: UNetSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> UNetModel:
     """The real ldm UNetModel with ``spec``'s architecture and random weights, in ``dtype``."""
     unet = meta_unet(spec)
@@ -236,10 +227,6 @@ def attn2_modules(unet: nn.Module) -> list[nn.Module]:
     return [module for name, module in unet.named_modules() if name.endswith(".attn2")]
 
 
-def count_params(unet: nn.Module) -> int:
-    return sum(p.numel() for p in unet.parameters())
-
-
 # --- host attention ----------------------------------------------------------------------------
 
 
@@ -281,164 +268,6 @@ def host_attention(name: str) -> Iterator[None]:
         yield
     finally:
         CrossAttention.forward = original
-
-
-# --- measurement -------------------------------------------------------------------------------
-
-
-def cpu_step_peak(fn: Callable[[], Any]) -> int:
-    return cpu_step_peak_and_op(fn)[0]
-
-
-def cpu_step_peak_and_op(fn: Callable[[], Any]) -> tuple[int, str]:
-    """Peak bytes of CPU tensor memory allocated above what was live when ``fn`` started.
-
-    ``torch.profiler`` with ``profile_memory=True`` records every allocation and free made by
-    PyTorch's CPU allocator (which does not cache: allocated = live tensor bytes) as a
-    ``[memory]`` event with a signed byte count; the running sum in time order is the live
-    memory allocated during the call, and its maximum the peak. Frees of blocks allocated
-    before the call are not reported, so the result is an upper bound if ``fn`` frees them.
-    Also returns the innermost op running when the peak was reached.
-    """
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-        del result
-    events = prof.profiler.kineto_results.events()
-    memory = sorted(
-        (event.start_ns(), event.nbytes()) for event in events if event.name() == "[memory]" and str(event.device_type()).endswith("CPU")
-    )
-    running = peak = 0
-    peak_ns = None
-    for start_ns, nbytes in memory:
-        running += nbytes
-        if running > peak:
-            peak, peak_ns = running, start_ns
-    enclosing = [
-        (event.duration_ns(), event.name())
-        for event in events
-        if peak_ns is not None and event.name() != "[memory]" and event.start_ns() <= peak_ns <= event.end_ns()
-    ]
-    return peak, min(enclosing)[1] if enclosing else ""
-
-
-def median_ci(values: list[float], z: float = 1.96) -> tuple[float, float]:
-    """A distribution-free ~95 % confidence interval of the median, from order statistics."""
-    ordered = sorted(values)
-    n = len(ordered)
-    if n < 6:
-        return ordered[0], ordered[-1]
-    half = z * math.sqrt(n) / 2
-    low = max(0, math.floor(n / 2 - half))
-    high = min(n - 1, math.ceil(n / 2 + half) - 1)
-    return ordered[low], ordered[high]
-
-
-def spread(values: list[float]) -> float:
-    """Interquartile range over the median."""
-    if len(values) < 4:
-        return (max(values) - min(values)) / statistics.median(values)
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return (q3 - q1) / statistics.median(values)
-
-
-QUIET = 0.15  # a round is quiet when each of its steps is within 15 % of its variant's fastest step
-
-
-def timing_stats(times: dict[str, list[float]], base: str = "a") -> dict[str, Any]:
-    """Ratios to ``base`` ((a)) from ABBA rounds: per round, (the variant's two steps) / ((a)'s two steps).
-
-    For each variant only the rounds where its steps and (a)'s are quiet count, when there are
-    any: this machine's speed drops several-fold for tens of seconds at a time (other tenants),
-    and a round caught by such a burst compares steps run at different speeds. The criterion
-    is relative to each variant's own fastest step, so it cannot hide a variant being slow.
-    """
-    rounds = len(times[base]) // 2
-
-    def quiet(key: str, i: int) -> bool:
-        return all(times[key][j] <= (1 + QUIET) * min(times[key]) for j in (2 * i, 2 * i + 1))
-
-    used, paired = {}, {}
-    for key, values in times.items():
-        used[key] = [i for i in range(rounds) if quiet(key, i) and quiet(base, i)] or list(range(rounds))
-        paired[key] = [(values[2 * i] + values[2 * i + 1]) / (times[base][2 * i] + times[base][2 * i + 1]) for i in used[key]]
-    a_rounds = [i for i in range(rounds) if quiet(base, i)] or list(range(rounds))
-    return {
-        "rounds": rounds,
-        "used": used,
-        "ratio": {key: statistics.median(values) for key, values in paired.items()},
-        "ratio_ci": {key: median_ci(values) for key, values in paired.items()},
-        "medians": {key: statistics.median(values) for key, values in times.items()},
-        "a_spread_used": spread([times[base][j] for i in a_rounds for j in (2 * i, 2 * i + 1)]),
-    }
-
-
-def sdpa_cpu_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def flop_counter() -> FlopCounterMode:
-    """FlopCounterMode counts mm/addmm/bmm/baddbmm/convolution and the CUDA SDPA kernels; the CPU
-    flash-attention kernel is added here with the same formula."""
-    mapping = {}
-    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_sdpa is not None:
-        mapping[cpu_sdpa] = sdpa_cpu_flops
-    return FlopCounterMode(display=False, custom_mapping=mapping)
-
-
-def counted_flops(run: Callable[[str], torch.Tensor], keys: list[str], keep_outputs: bool) -> tuple[dict[str, int], dict[str, Any]]:
-    """FLOPs counted in one ``run(key)`` per key, and (``keep_outputs``) its outputs."""
-    counted, outputs = {}, {}
-    for key in keys:
-        with flop_counter() as counter:
-            out = run(key)
-        if keep_outputs:
-            outputs[key] = out
-        del out
-        counted[key] = counter.get_total_flops()
-    return counted, outputs
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def elapsed(step: Callable[[], Any], device: torch.device) -> float:
-    """Seconds one ``step()`` takes, the device synchronised around it."""
-    synchronize(device)
-    start = time.perf_counter()
-    out = step()
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    del out
-    return seconds
-
-
-def time_interleaved(timed: Callable[[str], float], keys: list[str], repeats: int, warmup: int = 0) -> dict[str, list[float]]:
-    """``repeats`` timed steps per variant (rounded up to even), after ``warmup`` untimed passes.
-
-    Interleaved in ABBA rounds: the variants in one order, then in reverse (the start
-    rotated every round), so each variant's two steps in a round are centred on the same
-    moment and a linear drift of the machine's speed cancels in per-round ratios.
-    """
-    for _ in range(warmup):
-        for key in keys:
-            timed(key)
-    times: dict[str, list[float]] = {key: [] for key in keys}
-    for round_ in range(math.ceil(repeats / 2)):
-        shift = round_ % len(keys)
-        order = keys[shift:] + keys[:shift]
-        for key in order + order[::-1]:
-            times[key].append(timed(key))
-    return times
-
-
-def padded_to_longest(*contexts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Contexts of different token counts padded with their last token to the longest, so that one
-    call can take them all (an extra pass's batch; only for unusual token counts)."""
-    longest = max(c.shape[1] for c in contexts)
-    return tuple(F.pad(c, (0, 0, 0, longest - c.shape[1]), mode="replicate") for c in contexts)
 
 
 # --- the benchmark -----------------------------------------------------------------------------
@@ -728,417 +557,31 @@ def profile_nag(bench: ModelBench, top: int = 14) -> dict[str, Any]:
     }
 
 
-# --- Flux and SD3.5: transformers at CFG 1 -------------------------------------------------------
-
-FLUX_VARIANTS = {
-    "f": "(f) NAG off, the model's own forward",
-    "g": "(g) NAG on (this project)",
-    "h": "(h) extra full pass (2B rows, as CFG)",
-}
-SD35_VARIANTS = {
-    "i": "(i) NAG off, the model's own forward",
-    "j": "(j) NAG on (this project)",
-    "k": "(k) extra full pass (2B rows, as CFG)",
-}
-DIT_TARGETS = {"floor_factor": 1.2, "extra_pass_fraction": 0.75}
-SIGMA, FLUX_GUIDANCE = 0.5, 3.5  # a mid-schedule sigma; Flux.1-dev's usual distilled guidance
-HEAD_DIM = 128  # Flux.1's: 3072 wide, 24 heads; a reduced width keeps it (and the rotary axes 16 + 56 + 56)
-SD35_HEAD_DIM = 64  # MMDiT's "magic": hidden 64·depth, depth heads of 64
-
-
-class PatchTokens:
-    """What Flux's and SD3's specs share: 16-channel latents in 2×2 patches, an MLP of ``mlp_ratio``."""
-
-    hidden_size: int
-    mlp_ratio: float
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
-    @staticmethod
-    def image_tokens(resolution: int) -> int:
-        return ((resolution // 8 + 1) // 2) ** 2
-
-
-@dataclass(frozen=True)
-class FluxSpec(PatchTokens):
-    """Widths and depths of Forge's ``IntegratedFluxTransformer2DModel`` (Flux.1: 19 double + 38 single
-    blocks, 3072 wide, T5-XXL text of 4096, CLIP-L pooled 768, 16-channel latents in 2×2 patches)."""
-
-    name: str
-    hidden_size: int
-    num_heads: int
-    double_blocks: int
-    single_blocks: int
-    axes_dim: tuple[int, ...]
-    context_dim: int = 4096
-    pooled_dim: int = 768
-    latent_channels: int = 16
-    mlp_ratio: float = 4.0
-    prompt_tokens: int = 512
-    negative_tokens: int = 512
-
-
-@dataclass(frozen=True)
-class SD35Spec(PatchTokens):
-    """Widths and depth of Forge's ``MMDiTX`` as SD3.5 Large (and Large Turbo) has them: 38 joint blocks,
-    hidden 64·38 = 2432 (38 heads of 64), rms qk-norm, T5+CLIP context of 4096, pooled CLIP-L+G 2048,
-    16-channel latents in 2×2 patches. Forge's context: 77 CLIP tokens + 256 T5 tokens (zeros with T5 off)."""
-
-    name: str
-    hidden_size: int
-    joint_blocks: int
-    context_dim: int = 4096
-    pooled_dim: int = 2048
-    latent_channels: int = 16
-    mlp_ratio: float = 4.0
-    prompt_tokens: int = 333
-    negative_tokens: int = 333
-
-    @property
-    def num_heads(self) -> int:
-        return self.hidden_size // SD35_HEAD_DIM
-
-
-FLUX = FluxSpec("Flux.1", 3072, 24, 19, 38, (16, 56, 56))
-TINY_FLUX = FluxSpec("tiny Flux", 64, 4, 1, 2, (4, 6, 6), 32, pooled_dim=12, latent_channels=4, prompt_tokens=7, negative_tokens=5)
-SD35 = SD35Spec("SD3.5 Large", 2432, 38)
-TINY_SD35 = SD35Spec("tiny SD3.5", 192, 2, context_dim=24, pooled_dim=12, prompt_tokens=7, negative_tokens=5)
-MODELS: dict[str, UNetSpec | FluxSpec | SD35Spec] = {
+# The transformers measured at their real width: (the reduced depth, the CPU default; the full model, the CUDA default).
+SIZES: dict[str, tuple[Any, Any]] = {"chroma": (CHROMA_CPU, CHROMA)} | NEO_SIZES
+BENCHES = DIT_BENCHES | NEO_BENCHES
+MODELS: dict[str, Any] = {
     "sd15": SD15,
     "sdxl": SDXL,
     "flux": FLUX,
     "sd35": SD35,
+    **{name: full for name, (_, full) in SIZES.items()},
     "tiny-sd1": TINY_SD1,
     "tiny-sdxl": TINY_SDXL,
     "tiny-flux": TINY_FLUX,
     "tiny-sd35": TINY_SD35,
+    "tiny-chroma": TINY_CHROMA,
+    **NEO_TINY,
 }
 
 
-def materialized(model: nn.Module, device: torch.device | str, dtype: torch.dtype, seed: int) -> nn.Module:
-    """A model built on the meta device, on ``device`` with random weights, in ``dtype``, in eval mode."""
-    model.to_empty(device=device)
-    init_weights(model, seed)
-    return model.to(dtype).eval()
-
-
-def build_flux(spec: FluxSpec, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """The Forge Flux stand-in (tests/forge/backend/nn/flux.py) with ``spec``'s sizes and random weights."""
-    with torch.device("meta"):
-        model = IntegratedFluxTransformer2DModel(
-            spec.latent_channels, spec.pooled_dim, spec.context_dim, spec.hidden_size, spec.mlp_ratio, spec.num_heads,
-            spec.double_blocks, spec.single_blocks, list(spec.axes_dim), 10000, qkv_bias=True, guidance_embed=True,
-        )  # fmt: skip
-    return materialized(model, device, dtype, seed)
-
-
-def build_sd35(
-    spec: SD35Spec, resolution: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
-) -> nn.Module:
-    """The Forge MMDiT-X stand-in (tests/forge/backend/nn/mmditx.py) with ``spec``'s sizes and random weights.
-
-    MMDiT-X takes its width from its depth (64·depth), so it is built at the depth of ``spec``'s width
-    and cut back to ``spec.joint_blocks``: the first ones and the last, ``pre_only``, block. The
-    positional embedding covers ``resolution`` (SD3.5 Large's grid is 192², which no image here needs).
-    """
-    with torch.device("meta"):
-        model = MMDiTX(
-            depth=spec.num_heads, pos_embed_max_size=resolution // 16, qk_norm="rms", adm_in_channels=spec.pooled_dim,
-            context_in=spec.context_dim,
-        )  # fmt: skip
-    del model.joint_blocks[spec.joint_blocks - 1 : -1]
-    model = materialized(model, device, dtype, seed)
-    with torch.no_grad():
-        model.pos_embed.normal_(0.0, 0.1, generator=torch.Generator(device=model.pos_embed.device).manual_seed(seed))
-    return model
-
-
-def _stream_flops(spec: PatchTokens, tokens: int) -> int:
-    """Linear layers of one stream on ``tokens``: qkv + proj + MLP (double/joint block) = linear1 + linear2 (single block)."""
-    d = spec.hidden_size
-    return tokens * 2 * (4 * d * d + 2 * d * spec.mlp_hidden)
-
-
-def _attention_flops(spec: PatchTokens, tokens: int) -> int:
-    """QKᵀ and AV of one joint attention over ``tokens``."""
-    return 4 * tokens * tokens * spec.hidden_size
-
-
-def _single_block_flops(spec: FluxSpec, tokens: int) -> int:
-    """One row of a single-stream block over ``tokens``: its stream, modulation and attention."""
-    return _stream_flops(spec, tokens) + 2 * spec.hidden_size * 3 * spec.hidden_size + _attention_flops(spec, tokens)
-
-
-def _text_embedding_flops(spec: FluxSpec | SD35Spec, text_tokens: int) -> int:
-    """The context embedding (txt_in / context_embedder) on the text tokens and the pooled vector's (vector_in / y_embedder)."""
-    d = spec.hidden_size
-    return 2 * text_tokens * spec.context_dim * d + 2 * (spec.pooled_dim * d + d * d)
-
-
-def _elementwise_flops(spec: FluxSpec | SD35Spec, image_tokens: int, blocks: int, batch: int) -> int:
-    """The NAG combine on the image tokens and the softmax of the second attention, in ``blocks`` blocks."""
-    joint = spec.negative_tokens + image_tokens
-    per_block = NAG_FLOPS_PER_Z * image_tokens * spec.hidden_size + SOFTMAX_FLOPS_PER_SCORE * spec.num_heads * joint * joint
-    return batch * blocks * per_block
-
-
-def _floor(parts: dict[str, int], batch: int, matmul: int, elementwise: int) -> dict[str, int]:
-    """The floor's parts (per row) for ``batch`` rows, its matmul and elementwise FLOPs and their sum."""
-    return {name: batch * flops for name, flops in parts.items()} | {
-        "matmul_flops": matmul,
-        "elementwise_flops": elementwise,
-        "floor_flops": matmul + elementwise,
-    }
-
-
-def flux_nag_flops(spec: FluxSpec, image_tokens: int, batch: int = 1) -> dict[str, int]:
-    """The analytic floor of NAG's extra FLOPs over (f) for ``batch`` positive rows (2 FLOPs per multiply-add).
-
-    Per double block: the NAG text stream's linear layers (qkv, proj, MLP) on the negative's tokens
-    and its modulation, plus the second joint attention over [negative text; image] (QKᵀ and AV;
-    the image q/k/v are the positive row's). Per single block: the NAG row as a full stream, as the
-    authors run it (linear1 and linear2 on [negative text; image] tokens, its modulation and its
-    attention). Before the blocks: txt_in on the negative, vector_in on its pooled vector. Matmuls
-    are what FlopCounterMode counts; the elementwise part is the NAG combine on the image tokens of
-    every block and the softmax of the second attention.
-    """
-    d, text, joint = spec.hidden_size, spec.negative_tokens, spec.negative_tokens + image_tokens
-    per_double = _stream_flops(spec, text) + 2 * d * 6 * d + _attention_flops(spec, joint)
-    per_single = _single_block_flops(spec, joint)
-    embeddings = _text_embedding_flops(spec, text)
-    matmul = batch * (embeddings + spec.double_blocks * per_double + spec.single_blocks * per_single)
-    elementwise = _elementwise_flops(spec, image_tokens, spec.double_blocks + spec.single_blocks, batch)
-    return _floor({"per_double_block": per_double, "per_single_block": per_single, "embeddings": embeddings}, batch, matmul, elementwise)
-
-
-def flux_pass_flops(spec: FluxSpec, image_tokens: int, batch: int = 1) -> int:
-    """Matmul FLOPs of one forward over ``batch`` rows, analytically (what (h) adds to (f))."""
-    d, patch, text = spec.hidden_size, 4 * spec.latent_channels, max(spec.prompt_tokens, spec.negative_tokens)
-    joint = text + image_tokens
-    per_double = _stream_flops(spec, joint) + 2 * 2 * d * 6 * d + _attention_flops(spec, joint)
-    embeddings = 2 * image_tokens * patch * d + _text_embedding_flops(spec, text) + 2 * 2 * (256 * d + d * d)  # + time_in, guidance_in
-    final = 2 * d * 2 * d + 2 * image_tokens * d * patch
-    return batch * (embeddings + spec.double_blocks * per_double + spec.single_blocks * _single_block_flops(spec, joint) + final)
-
-
-def _last_context_flops(spec: SD35Spec, tokens: int) -> int:
-    """The last (``pre_only``) context block on ``tokens``: its qkv and its 2 modulations."""
-    d = spec.hidden_size
-    return 2 * tokens * 3 * d * d + 2 * d * 2 * d
-
-
-def sd35_nag_flops(spec: SD35Spec, image_tokens: int, batch: int = 1) -> dict[str, int]:
-    """The analytic floor of NAG's extra FLOPs over (i) for ``batch`` positive rows (2 FLOPs per multiply-add).
-
-    Per joint block: the NAG context stream's linear layers on the negative's tokens (qkv, proj and
-    MLP with its 6 modulations; only qkv and 2 modulations in the last, ``pre_only``, block) plus the
-    second joint attention over [NAG context; image] (QKᵀ and AV; the image q/k/v are the positive
-    row's). Before the blocks: context_embedder on the negative, y_embedder on its pooled vector.
-    The elementwise part as for Flux: the NAG combine on the image tokens of every block and the
-    softmax of the second attention.
-    """
-    d, text, joint = spec.hidden_size, spec.negative_tokens, spec.negative_tokens + image_tokens
-    per_block = _stream_flops(spec, text) + 2 * d * 6 * d + _attention_flops(spec, joint)
-    last_block = _last_context_flops(spec, text) + _attention_flops(spec, joint)
-    embeddings = _text_embedding_flops(spec, text)
-    matmul = batch * (embeddings + (spec.joint_blocks - 1) * per_block + last_block)
-    elementwise = _elementwise_flops(spec, image_tokens, spec.joint_blocks, batch)
-    return _floor({"per_joint_block": per_block, "last_joint_block": last_block, "embeddings": embeddings}, batch, matmul, elementwise)
-
-
-def sd35_pass_flops(spec: SD35Spec, image_tokens: int, batch: int = 1) -> int:
-    """Matmul FLOPs of one forward over ``batch`` rows, analytically (what (k) adds to (i))."""
-    d, patch, text = spec.hidden_size, 4 * spec.latent_channels, max(spec.prompt_tokens, spec.negative_tokens)
-    joint, image_block = text + image_tokens, _stream_flops(spec, image_tokens) + 2 * d * 6 * d
-    per_block = _stream_flops(spec, text) + 2 * d * 6 * d + image_block + _attention_flops(spec, joint)
-    last_block = _last_context_flops(spec, text) + image_block + _attention_flops(spec, joint)
-    embeddings = 2 * image_tokens * patch * d + _text_embedding_flops(spec, text) + 2 * (256 * d + d * d)  # + t_embedder
-    final = 2 * d * 2 * d + 2 * image_tokens * d * patch
-    return batch * (embeddings + (spec.joint_blocks - 1) * per_block + last_block + final)
-
-
-class DiTBench(ABC):
-    """A transformer at CFG 1 (one cond row per image, ``cond_or_uncond`` [0]) and its three variants:
-    NAG off, NAG on, an extra full pass with the NAG negative as a second prompt."""
-
-    variants: dict[str, str]
-    row_arguments: tuple[str, ...]  # the call's per-row arguments besides context and y
-    full_model: Any  # the spec at full size
-    nag_flops: Callable[..., dict[str, int]]  # (spec, image tokens, batch): the analytic floor of NAG's extra FLOPs
-    pass_flops: Callable[..., int]  # (spec, image tokens, batch): the matmul FLOPs of one forward
-
-    def __init__(
-        self,
-        spec: FluxSpec | SD35Spec,
-        resolution: int,
-        batch: int = 1,
-        device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        seed: int = 0,
-    ) -> None:
-        if resolution % 16:
-            raise ValueError(f"resolution must be a multiple of 16, got {resolution}")
-        self.spec, self.resolution, self.batch, self.dtype = spec, resolution, batch, dtype
-        self.device = torch.device(device)
-        self.image_tokens = spec.image_tokens(resolution)
-        self.model = self.build(seed)
-        self.weight_bytes = sum(t.nbytes for t in self.model.parameters())
-        generator = torch.Generator().manual_seed(seed + 1)
-
-        def randn(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=generator).to(self.device, self.dtype)
-
-        b, latent = batch, resolution // 8
-        sigmas = torch.full((b,), SIGMA, device=self.device, dtype=self.dtype)
-        common = {
-            "x": randn(b, spec.latent_channels, latent, latent),
-            "context": randn(b, spec.prompt_tokens, spec.context_dim),
-            "y": randn(b, spec.pooled_dim),
-            "transformer_options": {"cond_or_uncond": [0], "sigmas": sigmas},
-        }
-        cond = common | self.call_arguments(sigmas)
-        negative = {"crossattn": randn(b, spec.negative_tokens, spec.context_dim), "vector": randn(b, spec.pooled_dim)}
-        off, nag, extra = self.variants
-        self.calls = {
-            off: (self.model, cond),
-            nag: (self.nag(lambda: negative), cond),
-            extra: (self.model, self._extra_pass(cond, negative)),
-        }
-
-    @abstractmethod
-    def build(self, seed: int) -> nn.Module: ...
-
-    @abstractmethod
-    def call_arguments(self, sigmas: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The call's timestep (and guidance) arguments, as Forge passes them."""
-
-    @abstractmethod
-    def nag(self, negative: Callable[[], dict[str, torch.Tensor]]) -> Callable[..., torch.Tensor]:
-        """The model's forward with NAG as this project does it."""
-
-    def floor(self) -> dict[str, int]:
-        return type(self).nag_flops(self.spec, self.image_tokens, self.batch)
-
-    def extra_pass_flops(self) -> int:
-        return type(self).pass_flops(self.spec, self.image_tokens, self.batch)
-
-    def full_model_floor_over_extra_pass(self, negative_tokens: int) -> float:
-        """The floor over the extra pass for the full-size model at 1024²."""
-        full, tokens = replace(self.full_model, negative_tokens=negative_tokens), self.full_model.image_tokens(1024)
-        return type(self).nag_flops(full, tokens)["floor_flops"] / type(self).pass_flops(full, tokens)
-
-    @abstractmethod
-    def describe(self) -> tuple[str, str]:
-        """The blocks and width, for the heading; the full model's, for the floor's comparison."""
-
-    @abstractmethod
-    def floor_text(self, floor: dict[str, Any]) -> str:
-        """What the floor counts, per block."""
-
-    def _extra_pass(self, cond: dict[str, Any], negative: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """The cond rows and one row per image with the NAG negative as its prompt, in one call."""
-        rows = {name: torch.cat((cond[name], cond[name])) for name in ("x", *self.row_arguments)}
-        context = torch.cat(padded_to_longest(cond["context"], negative["crossattn"]))
-        options = {"cond_or_uncond": [0, 1], "sigmas": cond["transformer_options"]["sigmas"]}
-        return rows | {"context": context, "y": torch.cat((cond["y"], negative["vector"])), "transformer_options": options}
-
-    def rows(self, key: str) -> int:
-        return self.calls[key][1]["x"].shape[0]
-
-    def run(self, key: str) -> torch.Tensor:
-        forward, arguments = self.calls[key]
-        with torch.no_grad():
-            return forward(**arguments)
-
-    def timed(self, key: str) -> float:
-        return elapsed(lambda: self.run(key), self.device)
-
-    def checks(self, outputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-        off, nag, extra = self.variants
-        base, b = outputs[off].float(), self.batch
-
-        def relative(x: torch.Tensor, y: torch.Tensor) -> float:
-            return ((x.float() - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
-
-        return {
-            f"{nag}_changed_by_nag": relative(outputs[nag], base),
-            f"{extra}_cond_rows_vs_{off}": relative(outputs[extra][:b], base),
-            "finite": all(bool(torch.isfinite(out).all()) for out in outputs.values()),
-        }
-
-
-class FluxBench(DiTBench):
-    """The Flux stand-in; (g) is ``lib_nag.models.flux.nag_forward``."""
-
-    variants = FLUX_VARIANTS
-    row_arguments = ("timestep", "guidance")
-    full_model = FLUX
-    nag_flops = staticmethod(flux_nag_flops)
-    pass_flops = staticmethod(flux_pass_flops)
-    spec: FluxSpec
-
-    def build(self, seed: int) -> nn.Module:
-        return build_flux(self.spec, self.device, self.dtype, seed)
-
-    def call_arguments(self, sigmas: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"timestep": sigmas, "guidance": torch.full_like(sigmas, FLUX_GUIDANCE)}
-
-    def nag(self, negative: Callable[[], dict[str, torch.Tensor]]) -> Callable[..., torch.Tensor]:
-        return flux_nag_forward(self.model, negative, NAG_PARAMS, lambda _options: True)
-
-    def describe(self) -> tuple[str, str]:
-        spec = self.spec
-        return f"{spec.double_blocks} double + {spec.single_blocks} single blocks", "Flux.1's full model (3072 wide, 19 + 38 blocks)"
-
-    def floor_text(self, floor: dict[str, Any]) -> str:
-        return (
-            f"Per double block {floor['per_double_block'] / 1e9:,.2f} GFLOP: the NAG text stream's linear layers on its "
-            f"{self.spec.negative_tokens} tokens and the second joint attention [NAG text; image] (QKᵀ and AV). Per single block "
-            f"{floor['per_single_block'] / 1e9:,.2f} GFLOP: the NAG rows' whole stream (linear1/linear2 on [NAG text; image] and their "
-            "attention), since the authors run the NAG rows as a full stream there. Plus txt_in/vector_in on the negative "
-            f"({floor['embeddings'] / 1e9:,.2f})"
-        )
-
-
-class SD35Bench(DiTBench):
-    """Forge's MMDiT-X stand-in; (j) is ``lib_nag.models.mmdit.nag_forward`` with Forge's rows."""
-
-    variants = SD35_VARIANTS
-    row_arguments = ("t",)
-    full_model = SD35
-    nag_flops = staticmethod(sd35_nag_flops)
-    pass_flops = staticmethod(sd35_pass_flops)
-    spec: SD35Spec
-
-    def build(self, seed: int) -> nn.Module:
-        return build_sd35(self.spec, self.resolution, self.device, self.dtype, seed)
-
-    def call_arguments(self, sigmas: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"t": sigmas * 1000}  # Forge's KModel passes σ·1000 to SD3
-
-    def nag(self, negative: Callable[[], dict[str, torch.Tensor]]) -> Callable[..., torch.Tensor]:
-        return mmdit_nag_forward(self.model, negative, NAG_PARAMS, forge_rows(lambda _options: True))
-
-    def describe(self) -> tuple[str, str]:
-        return f"{self.spec.joint_blocks} joint blocks", "SD3.5 Large's full model (2432 wide, 38 joint blocks)"
-
-    def floor_text(self, floor: dict[str, Any]) -> str:
-        return (
-            f"Per joint block {floor['per_joint_block'] / 1e9:,.2f} GFLOP: the NAG context stream's linear layers on its "
-            f"{self.spec.negative_tokens} tokens (qkv, proj, MLP, modulation) and the second joint attention [NAG context; image] "
-            f"(QKᵀ and AV); in the last, pre_only, block {floor['last_joint_block'] / 1e9:,.2f} GFLOP (qkv and attention only). "
-            f"Plus context_embedder/y_embedder on the negative ({floor['embeddings'] / 1e9:,.2f})"
-        )
-
-
-DIT_BENCHES: dict[type, type[DiTBench]] = {FluxSpec: FluxBench, SD35Spec: SD35Bench}
-
-
-def dit_spec_for(name: str, args: argparse.Namespace) -> FluxSpec | SD35Spec:
-    """``flux`` and ``sd35`` at the width, depth and NAG-negative length the options give; the tiny ones as they are."""
+def dit_spec_for(name: str, args: argparse.Namespace) -> Any:
+    """``flux`` and ``sd35`` at the width, depth and NAG-negative length the options give; the others at the
+    size ``--dit-size`` picks; the tiny ones as they are."""
     spec = MODELS[name]
+    if name in SIZES:
+        sized = SIZES[name][args.dit_size == "full"]
+        return replace(sized, frames=args.wan_frames) if name == "wan" else sized
     if spec is FLUX:
         double, single = args.flux_blocks
         return replace(
@@ -1152,138 +595,6 @@ def dit_spec_for(name: str, args: argparse.Namespace) -> FluxSpec | SD35Spec:
     if spec is SD35:
         return replace(SD35, hidden_size=args.sd35_hidden, joint_blocks=args.sd35_blocks, negative_tokens=args.sd35_negative_tokens)
     return spec
-
-
-def dit_targets(stats: dict[str, Any], keys: list[str], floor_fraction: float) -> dict[str, Any]:
-    """NAG's measured extra cost against 1.2× the analytic floor, and against the extra pass's extra cost."""
-    _, nag, extra = keys
-    overhead, extra_pass = stats["ratio"][nag] - 1, stats["ratio"][extra] - 1
-    floor_bound, pass_bound = DIT_TARGETS["floor_factor"] * floor_fraction, DIT_TARGETS["extra_pass_fraction"]
-    of_extra_pass = overhead / extra_pass
-    return {
-        "floor": {
-            "value": overhead,
-            "limit": floor_bound,
-            "pass": overhead <= floor_bound,
-            "measured_over_floor": overhead / floor_fraction,
-        },
-        "extra_pass": {"value": of_extra_pass, "limit": pass_bound, "pass": of_extra_pass <= pass_bound},
-    }
-
-
-def run_dit_model(
-    spec: FluxSpec | SD35Spec, resolution: int, negative_tokens: int, args: argparse.Namespace, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    bench = DIT_BENCHES[type(spec)](spec, resolution, args.batch, args.device, DTYPES[args.dtype], args.seed)
-    build_s = time.perf_counter() - started
-    repeats = args.repeats or default_repeats(spec, args)
-    blocks, _ = bench.describe()
-    log(
-        f"\n## {spec.name} at {resolution}×{resolution} ({bench.image_tokens} image + {spec.prompt_tokens} text tokens; NAG negative "
-        f"{spec.negative_tokens} tokens), {blocks}, hidden {spec.hidden_size} ({spec.num_heads} heads of "
-        f"{spec.hidden_size // spec.num_heads}), CFG 1, batch {args.batch}, {args.dtype}, {repeats} timed steps per variant"
-    )
-    log(f"Model: {count_params(bench.model):,} parameters, weights {bench.weight_bytes / MIB:,.0f} MiB, built in {build_s:.1f} s.")
-
-    started = time.perf_counter()
-    keys = list(bench.variants)
-    off, nag, extra = keys
-    counted, outputs = counted_flops(bench.run, keys, keep_outputs=True)  # the first step of each: warm-up, FLOPs, outputs
-    checks = bench.checks(outputs)
-    del outputs
-    times = time_interleaved(bench.timed, keys, repeats, args.warmup)
-    measure_s = time.perf_counter() - started
-
-    stats = timing_stats(times, base=off)
-    floor: dict[str, Any] = bench.floor()
-    floor["fraction"] = floor["floor_flops"] / counted[off]
-    floor[f"counted_extra_{nag}"], floor[f"counted_extra_{extra}"] = counted[nag] - counted[off], counted[extra] - counted[off]
-    floor["analytic_extra_pass"] = bench.extra_pass_flops()
-    floor["floor_over_extra_pass"] = floor["floor_flops"] / floor[f"counted_extra_{extra}"]
-    floor["full_model_floor_over_extra_pass"] = bench.full_model_floor_over_extra_pass(negative_tokens)
-    targets = dit_targets(stats, keys, floor["fraction"])
-    for line in dit_report(bench, times, stats, counted, floor, checks, targets):
-        log(line)
-    log(f"(measured in {measure_s:.0f} s)")
-    return {
-        "model": spec.name,
-        "spec": asdict(spec),
-        "resolution": resolution,
-        "image_tokens": bench.image_tokens,
-        "batch": args.batch,
-        "dtype": args.dtype,
-        "repeats": repeats,
-        "parameters": count_params(bench.model),
-        "weight_bytes": bench.weight_bytes,
-        "build_s": build_s,
-        "measure_s": measure_s,
-        "variants": {
-            key: {
-                "label": label,
-                "rows": bench.rows(key),
-                "median_ms": stats["medians"][key] * 1e3,
-                "min_ms": min(times[key]) * 1e3,
-                f"ratio_to_{off}": stats["ratio"][key],
-                f"ratio_to_{off}_ci95": list(stats["ratio_ci"][key]),
-                "times_ms": [value * 1e3 for value in times[key]],
-                "iqr_over_median": spread(times[key]),
-                "counted_flops": counted[key],
-            }
-            for key, label in bench.variants.items()
-        },
-        "nag_extra_over_extra_pass": targets["extra_pass"]["value"],
-        "floor": floor,
-        "noise": {f"{off}_iqr_over_median": spread(times[off]), "rounds": stats["rounds"], "rounds_used": stats["used"]},
-        "checks": checks,
-        "targets": targets,
-    }
-
-
-def dit_report(
-    bench: DiTBench,
-    times: dict[str, list[float]],
-    stats: dict[str, Any],
-    counted: dict[str, int],
-    floor: dict[str, Any],
-    checks: dict[str, Any],
-    targets: dict[str, Any],
-) -> list[str]:
-    spec, ratio, medians, verdict = bench.spec, stats["ratio"], stats["medians"], {True: "PASS", False: "MISS"}
-    off, nag, extra = bench.variants
-    blocks, full_model = bench.describe()
-    lines = [
-        "",
-        f"| variant | rows | median ms/step | min ms/step | ×({off}) paired [95 % CI] | extra vs ({off}) | counted GFLOP | IQR/median |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for key, label in bench.variants.items():
-        interval = "" if key == off else f" [{stats['ratio_ci'][key][0]:.3f}, {stats['ratio_ci'][key][1]:.3f}]"
-        more = "—" if key == off else format(ratio[key] - 1, "+.1%")
-        lines.append(
-            f"| {label} | {bench.rows(key)} | {medians[key] * 1e3:,.1f} | {min(times[key]) * 1e3:,.1f} | {ratio[key]:.3f}{interval} | "
-            f"{more} | {counted[key] / 1e9:,.1f} | {spread(times[key]):.1%} |"
-        )
-    return [
-        *lines,
-        "",
-        f"Analytic floor of NAG's extra FLOPs: {floor['floor_flops'] / 1e9:,.2f} GFLOP = {floor['fraction']:.1%} of ({off})'s counted "
-        f"{counted[off] / 1e9:,.1f} GFLOP. {bench.floor_text(floor)} and {floor['elementwise_flops'] / 1e9:,.2f} GFLOP elementwise "
-        f"(NAG combine {NAG_FLOPS_PER_Z}/element, softmax {SOFTMAX_FLOPS_PER_SCORE}/score; norms, GELU and RoPE not counted).",
-        f"Counted with FlopCounterMode (mm/addmm/bmm, SDPA): ({nag})−({off}) {floor[f'counted_extra_{nag}'] / 1e9:,.2f} GFLOP (analytic "
-        f"matmuls {floor['matmul_flops'] / 1e9:,.2f}); ({extra})−({off}) {floor[f'counted_extra_{extra}'] / 1e9:,.2f} GFLOP (analytic "
-        f"{floor['analytic_extra_pass'] / 1e9:,.2f}). Floor / extra pass = {floor['floor_over_extra_pass']:.3f} here, "
-        f"{floor['full_model_floor_over_extra_pass']:.3f} for {full_model} at 1024²: the least ({nag}) can cost relative to ({extra}) "
-        "by FLOPs, with the authors' formulation.",
-        f"Checks: NAG moved ({nag})'s output by {checks[f'{nag}_changed_by_nag']:.3g} (max |Δ| / max |({off})|); ({extra})'s cond rows "
-        f"vs ({off}): {checks[f'{extra}_cond_rows_vs_{off}']:.2e}; all finite: {checks['finite']}.",
-        "",
-        f"Targets ({spec.name}, {bench.resolution}², {blocks}, hidden {spec.hidden_size}):",
-        f"- ({nag})/({off}) − 1 = {ratio[nag] - 1:+.1%} ≤ {DIT_TARGETS['floor_factor']}× floor = {targets['floor']['limit']:.1%}: "
-        f"{verdict[targets['floor']['pass']]} (measured/floor {targets['floor']['measured_over_floor']:.2f})",
-        f"- (({nag})−({off})) / (({extra})−({off})) = {targets['extra_pass']['value']:.3f} ≤ {DIT_TARGETS['extra_pass_fraction']}: "
-        f"{verdict[targets['extra_pass']['pass']]} (by FLOPs at best {floor['floor_over_extra_pass']:.3f})",
-    ]
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -1495,9 +806,6 @@ def run_model(spec: UNetSpec, resolution: int, args: argparse.Namespace, log: Ca
     return result
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="sd15,sdxl", help=f"comma-separated, of {', '.join(MODELS)} (default: sd15,sdxl)")
@@ -1525,12 +833,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sd35-negative-tokens", type=int, default=333, help="NAG negative's tokens (default 333 = 77 CLIP + 256 T5, as the prompt)"
     )
+    parser.add_argument(
+        "--dit-size",
+        choices=("reduced", "full"),
+        default=None,
+        help=f"size of {', '.join(SIZES)}: their real width at a reduced depth (the CPU default) or the full model (the CUDA default)",
+    )
     parser.add_argument("--batch", type=int, default=1, help="images B (default 1)")
     parser.add_argument(
         "--repeats",
         type=int,
         default=None,
-        help="timed steps per variant, even (default on CPU: SD1.5 10, SDXL 6, Flux and SD3.5 6; on CUDA 30)",
+        help="timed steps per variant, even (default on CPU: SD1.5 10, SDXL 6, Flux and SD3.5 6, Wan 10, Qwen-Image 6, Lumina 2 and "
+        "ERNIE-Image 4, the others 2; on CUDA 30)",
     )
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed passes over the variants before timing, after the first (default CPU 0, CUDA 2)"
@@ -1543,12 +858,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-malloc", action="store_true", help="do not set GLIBC_TUNABLES (see keep_freed_memory)")
-    parser.add_argument("--profile", action="store_true", help="also profile one (a) and one (b) step and list what (b) adds")
+    parser.add_argument("--wan-frames", type=int, default=1, help="Wan's latent frames (default 1: a 1024²-shaped frame, 4096 tokens)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one (a) and one (b) step and list what (b) adds; for wan, one (off) and one (nag) step and the kernels' rates",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     args = parser.parse_args(argv)
     cuda = torch.device(args.device).type == "cuda"
     args.dtype = args.dtype or ("fp16" if cuda else "fp32")
     args.warmup = (2 if cuda else 0) if args.warmup is None else args.warmup
+    args.dit_size = args.dit_size or ("full" if cuda else "reduced")
     args.flux_hidden = args.flux_hidden or (FLUX.hidden_size if cuda else 1024)
     args.flux_blocks = tuple(int(n) for n in (args.flux_blocks or ("19,38" if cuda else "1,2")).split(","))
     if args.flux_hidden % HEAD_DIM or len(args.flux_blocks) != 2:
@@ -1564,10 +885,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def default_repeats(spec: UNetSpec | FluxSpec | SD35Spec, args: argparse.Namespace) -> int:
+def default_repeats(spec: Any, args: argparse.Namespace) -> int:
     if torch.device(args.device).type == "cuda":
         return 30
-    return {SD15.name: 10, SDXL.name: 6, FLUX.name: 6, SD35.name: 6}.get(spec.name, 2)
+    # Each run a few minutes on a core: one step of the reduced Chroma, Z-Image, Flux.2 or Krea takes 20-40 s.
+    per_model = {SD15.name: 10, SDXL.name: 6, FLUX.name: 6, SD35.name: 6, "Qwen-Image": 6, "Lumina 2": 4, "ERNIE-Image": 4, "Wan 1.3B": 10}
+    return per_model.get(spec.name, 2)
 
 
 def resolution_for(name: str, args: argparse.Namespace) -> int:
@@ -1577,7 +900,8 @@ def resolution_for(name: str, args: argparse.Namespace) -> int:
     if args.resolution:
         return args.resolution
     cuda = torch.device(args.device).type == "cuda"
-    return {"sd15": 512 if cuda else 256, "sdxl": 1024 if cuda else 256, "flux": 1024, "sd35": 1024}.get(name, 64)
+    defaults = {"sd15": 512 if cuda else 256, "sdxl": 1024 if cuda else 256, "flux": 1024, "sd35": 1024}
+    return defaults.get(name, 1024 if name in SIZES else 64)
 
 
 def header(args: argparse.Namespace) -> list[str]:
@@ -1633,6 +957,11 @@ def header(args: argparse.Namespace) -> list[str]:
         f"{args.sd35_hidden} ({args.sd35_hidden // SD35_HEAD_DIM} heads of {SD35_HEAD_DIM}; SD3.5 Large: 2432), {args.sd35_blocks} "
         "joint blocks, the last pre_only (SD3.5 Large: 38). On CPU the default is 1024 wide, 2 blocks, 6 steps per variant; on CUDA "
         "SD3.5 Large's full size. Timed like Flux, ratios to (i); no memory measurement.",
+        f"Chroma and Forge Neo's families (--models {','.join(SIZES)}): their stand-ins with random weights at 1024²-shaped tokens, "
+        f"CFG 1, at their {args.dit_size} size (--dit-size: reduced, their real width at a reduced depth, is the CPU default; full, "
+        "the CUDA default), the prompt and the NAG negative of the family's usual length; each section gives the blocks, widths and "
+        "tokens. Timed like Flux, ratios to (off), with NAG off, NAG as this project does it and an extra full pass; targets: NAG's "
+        "extra cost within 1.2× its analytic floor and ≤ 0.4 of an extra pass (issue 15), Wan's ≤ +5 % per step (issue 16).",
     ]
 
 
@@ -1653,9 +982,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(line)
     results = {}
     for name in args.models:
-        if isinstance(MODELS[name], (FluxSpec, SD35Spec)):
-            negative_tokens = args.flux_negative_tokens if isinstance(MODELS[name], FluxSpec) else args.sd35_negative_tokens
-            results[name] = run_dit_model(dit_spec_for(name, args), resolution_for(name, args), negative_tokens, args)
+        if type(MODELS[name]) in BENCHES:
+            spec = dit_spec_for(name, args)
+            negative_tokens = {FluxSpec: args.flux_negative_tokens, SD35Spec: args.sd35_negative_tokens}.get(
+                type(spec), spec.negative_tokens
+            )
+            repeats = args.repeats or default_repeats(spec, args)
+            results[name] = run_dit_model(BENCHES[type(spec)], spec, resolution_for(name, args), negative_tokens, repeats, args)
         else:
             results[name] = run_model(MODELS[name], resolution_for(name, args), args)
         sys.stdout.flush()
