@@ -313,7 +313,7 @@ def nextdit_pass_flops(spec: NextDiTSpec, image_tokens: int, batch: int = 1) -> 
 
 
 class NextDiTBench(NeoBench):
-    """Neo's NextDiT stand-in as Z-Image or Lumina 2; (nag) is ``lib_nag.models.nextdit.nag_forward``."""
+    """Neo's NextDiT stand-in as Z-Image or Lumina 2; (nag) is ``lib_nag.models.nextdit.nag_forward`` with Forge's rows."""
 
     nag_flops = staticmethod(nextdit_nag_flops)
     pass_flops = staticmethod(nextdit_pass_flops)
@@ -345,7 +345,7 @@ class NextDiTBench(NeoBench):
         return model
 
     def nag(self, negative: Callable[[], Any]) -> Callable[..., torch.Tensor]:
-        return nextdit.nag_forward(self.model, negative, NAG_PARAMS, every_row)
+        return nextdit.nag_forward(self.model, negative, NAG_PARAMS, forge_rows(every_row))
 
 
 # --- Flux.2 -----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from lib_nag.models.nextdit import STOOD_ASIDE, NextDiTPass, nag_forward
 from lib_nag.models.unet import ForgeUNetPass
 from lib_nag.params import NagParams
 from lib_nag.webui.conditioning import NegativeConditioning
+from lib_nag.webui.forge_patcher import forge_rows
 from lib_nag.webui.report import JobReport, PassReport
 
 PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
@@ -71,7 +72,7 @@ def cond_rows(chunks):
 def guided(model, negative, arguments, params=PARAMS, is_active=lambda options: True, calls=None):
     """The model called with NAG's forward in place."""
     on_call = None if calls is None else lambda guided, why: calls.append((guided, why))
-    model.forward = nag_forward(model, lambda: negative, params, is_active, on_call)
+    model.forward = nag_forward(model, lambda: negative, params, forge_rows(is_active, on_call), on_call)
     try:
         return model(**arguments)
     finally:

@@ -52,7 +52,7 @@ from ..attention import PositiveRows
 from ..joint_attention import QKV, single_stream_text_attention
 from ..params import NagParams
 from ..webui.family import FORGE, ModelFamily
-from ..webui.forge_patcher import forge_rows
+from ..webui.forge_patcher import RowsOf
 from ..webui.passes import Forward, OnCall
 from .runner import Runner, RunnerPass, patched_forward
 
@@ -199,19 +199,11 @@ class _NagRunner(Runner):
 
 
 def nag_forward(
-    model: torch.nn.Module,
-    negative: Callable[[], torch.Tensor],
-    params: NagParams,
-    is_active: Callable[[dict], bool],
-    on_guided: OnCall | None = None,
+    model: torch.nn.Module, negative: Callable[[], torch.Tensor], params: NagParams, rows_of: RowsOf, on_call: OnCall | None = None
 ) -> Forward:
-    """A replacement for a ``NextDiT``'s ``forward`` that guides the cond rows with NAG.
-
-    ``negative()`` is the NAG negative now, ``[images, tokens, caption width]``; ``is_active(transformer_options)``
-    says whether NAG guides this call (the step window). The call's rows are placed from
-    ``cond_or_uncond`` (whole copies of the batch too); ``on_guided`` is told, for each active call,
-    whether it was guided, and if not, why ("": its rows could not be placed)."""
-    return patched_forward(_NagRunner(model, negative, params, forge_rows(is_active, on_guided), on_guided).forward)
+    """A replacement for a ``NextDiT``'s ``forward`` that guides the positive rows with NAG (see
+    ``runner.Runner``); ``negative()`` is ``[images, tokens, caption width]``."""
+    return patched_forward(_NagRunner(model, negative, params, rows_of, on_call).forward)
 
 
 def _looks_like_nextdit(model: Any) -> bool:
