@@ -49,7 +49,7 @@ def rest_of_block(block, x, attended, modulation):
     return x + gate_mlp.tanh() * block.ffn_norm2(block.feed_forward(block.ffn_norm1(x) * (1 + scale_mlp)))
 
 
-def reference_nextdit(model, x, timesteps, context, nag_context, positive_rows, nag, dtype=torch.float64):
+def reference_nextdit(model, x, timesteps, context, positive_rows, nag_context, nag, dtype=torch.float64):
     """The model's output with NAG on ``positive_rows`` (``nag_context[i]`` the NAG negative of
     ``positive_rows[i]``), computed in ``dtype`` and returned as x's dtype. ``nag`` is (scale, tau, alpha)."""
     model = copy.deepcopy(model).to(dtype)

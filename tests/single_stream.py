@@ -1,9 +1,11 @@
-"""Checks shared by the tests of Forge Neo's single-stream families (ERNIE-Image, Krea 2): a family's
+"""Checks shared by the tests of Forge Neo's single-stream families (Z-Image and Lumina 2, ERNIE-Image,
+Krea 2): a family's
 test module describes its tiny model, a call's arguments and its reference in a ``Case``, and runs these
 checks on it."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -146,8 +148,8 @@ def new_pass(pass_class, negative, params=PARAMS, encodes=None):
 
 
 def check_the_pass_guides_a_clone_inside_the_window(case, pass_class, hooked):
-    """The family's pass patches a clone of the patcher, guides step 0 and not step 5 (end 0.5 of 10),
-    writes its console line and sets everything back."""
+    """The family's pass patches a clone of the patcher, guides step 0 (the uncond rows the model's own)
+    and not step 5 (end 0.5 of 10), writes its console line and sets everything back."""
     model = case.tiny_model()
     arguments, negative = case.batch([1, 0])
     shared.sd_model = sd_model = neo_sd_model(model)
@@ -157,7 +159,9 @@ def check_the_pass_guides_a_clone_inside_the_window(case, pass_class, hooked):
     nag_pass = new_pass(pass_class, negative, NagParams(enabled=True, end=0.5))
     patcher = sd_model.forge_objects.unet
     assert patcher is not original and not original.object_patches and "forward" not in vars(model)
-    sample_in_and_after_the_window(nag_pass, patcher, lambda: model(**arguments), lambda: case.guided(model, negative, arguments), stock)
+    guided = partial(case.guided, model, negative, arguments)
+    first = sample_in_and_after_the_window(nag_pass, patcher, lambda: model(**arguments), guided, stock)
+    assert torch.equal(first[:IMAGES], stock[:IMAGES])
     assert sd_model.forge_objects.unet is original
     assert nag_pass.report.guided == {0} and nag_pass.report.guided_calls == 1
     name = type(model).__name__

@@ -2,26 +2,26 @@
 (tests/forge/backend/nn/lumina.py), against a float64 reference written from the authors' single-stream
 rule (tests/reference_nextdit.py)."""
 
+from functools import partial
 from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
+import single_stream as checks
 import torch
 from backend.nn import lumina
 from backend.nn.flux import IntegratedFluxTransformer2DModel
 from backend.patcher.unet import UnetPatcher
 from modules import prompt_parser, shared
 from reference_nextdit import reference_nextdit
+from single_stream import IMAGES, Case, neo_sd_model, new_pass
 from test_flux import (
     EACH_LAYOUT,
     EACH_NEGATIVE_LENGTH,
     ENDINGS,
     SIZES,
-    assert_guided_as_expected,
     randomized,
-    relative,
     run_a_job_to_its_end,
-    sample_in_and_after_the_window,
 )
 from test_forge import forge_model
 from unets import randomize_outputs, sd1_like_unet
@@ -32,12 +32,9 @@ from lib_nag.models.nextdit import STOOD_ASIDE, NextDiTPass, nag_forward
 from lib_nag.models.unet import ForgeUNetPass
 from lib_nag.params import NagParams
 from lib_nag.webui.conditioning import NegativeConditioning
-from lib_nag.webui.forge_patcher import forge_rows
-from lib_nag.webui.report import JobReport, PassReport
+from lib_nag.webui.report import PassReport
 
-PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
-NAG = (PARAMS.scale, PARAMS.tau, PARAMS.alpha)
-IMAGES, PROMPT_TOKENS = 2, 7
+PROMPT_TOKENS = 7
 SHAPES = {  # Lumina 2: GQA (3 query heads per key/value head), no padding; Z-Image: Linear adaLN, ×1000 time, pads to ×4 here (×32 in Neo)
     "lumina2": {"dim": 96, "n_heads": 6, "n_kv_heads": 2, "cap_feat_dim": 24, "axes_dims": [4, 6, 6], "ffn_dim_multiplier": 4.0},
     "zimage": {
@@ -46,6 +43,7 @@ SHAPES = {  # Lumina 2: GQA (3 query heads per key/value head), no padding; Z-Im
     },
 }  # fmt: skip
 KINDS = list(SHAPES)
+EACH_KIND = pytest.mark.parametrize("kind", KINDS)
 
 
 def tiny_model(kind):
@@ -65,83 +63,42 @@ def batch(kind, chunks, negative_tokens=3):
     return arguments, torch.randn(IMAGES, negative_tokens, width)
 
 
-def cond_rows(chunks):
-    return [c * IMAGES + j for c, label in enumerate(chunks) if label == 0 for j in range(IMAGES)]
-
-
-def guided(model, negative, arguments, params=PARAMS, is_active=lambda options: True, calls=None):
-    """The model called with NAG's forward in place."""
-    on_call = None if calls is None else lambda guided, why: calls.append((guided, why))
-    model.forward = nag_forward(model, lambda: negative, params, forge_rows(is_active, on_call), on_call)
-    try:
-        return model(**arguments)
-    finally:
-        del model.forward
-
-
-def reference(model, arguments, negative, dtype=torch.float64):
-    cond = cond_rows(arguments["transformer_options"]["cond_or_uncond"])
-    named = {name: arguments[name] for name in ("x", "timesteps", "context")}
-    return reference_nextdit(model, **named, nag_context=negative[[r % IMAGES for r in cond]], positive_rows=cond, nag=NAG, dtype=dtype)
+CASES = {kind: Case(partial(tiny_model, kind), partial(batch, kind), nag_forward, reference_nextdit) for kind in KINDS}
 
 
 @EACH_NEGATIVE_LENGTH
 @EACH_LAYOUT
-@pytest.mark.parametrize("kind", KINDS)
+@EACH_KIND
 def test_matches_the_authors_single_stream_rule_and_leaves_uncond_rows_alone(kind, chunks, negative_tokens, record_difference):
-    model = tiny_model(kind)
-    arguments, negative = batch(kind, chunks, negative_tokens)
-    calls = []
-    out = guided(model, negative, arguments, calls=calls)
-    stock = model(**arguments)
-
-    assert_guided_as_expected(out, stock, reference(model, arguments, negative), cond_rows(chunks), record_difference)
-    assert calls == [(True, "")]
+    checks.check_guided_as_the_reference(CASES[kind], chunks, negative_tokens, record_difference)
 
 
 @EACH_NEGATIVE_LENGTH
-@pytest.mark.parametrize("kind", KINDS)
+@EACH_KIND
 def test_nag_rows_as_text_alone_equal_the_full_nag_stream(kind, negative_tokens, record_difference):
     """NextDiT's modulation reads the timestep only, so NAG runs its rows as their text alone with the
     positive rows' image q/k/v; in float32 that gives what the whole ``[NAG text; image]`` stream gives."""
-    model = tiny_model(kind)
-    arguments, negative = batch(kind, [1, 0], negative_tokens)
-    difference = relative(guided(model, negative, arguments), reference(model, arguments, negative, dtype=torch.float32))
-    record_difference(difference)
-    assert difference <= 1e-6
+    checks.check_text_alone_equals_the_full_nag_stream(CASES[kind], [1, 0], negative_tokens, record_difference)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@EACH_KIND
 def test_without_a_cond_chunk_or_outside_the_window_the_model_runs_its_own_forward(kind):
-    model = tiny_model(kind)
-    arguments, negative = batch(kind, [1])
-    calls = []
-    assert torch.equal(guided(model, negative, arguments, calls=calls), model(**arguments))
-    arguments, negative = batch(kind, [1, 0])
-    assert torch.equal(guided(model, negative, arguments, is_active=lambda options: False, calls=calls), model(**arguments))
-    assert calls == []
+    checks.check_the_model_runs_its_own_forward_without_a_cond_chunk_or_outside_the_window(CASES[kind])
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_nag_negative_equal_to_the_prompt_or_scale_one_changes_nothing(kind, record_difference):
-    model = tiny_model(kind)
-    arguments, negative = batch(kind, [0])
-    same_negative = relative(guided(model, arguments["context"], arguments), model(**arguments))
-    scale_one = relative(guided(model, negative, arguments, NagParams(enabled=True, scale=1.0)), model(**arguments))
-    record_difference(max(same_negative, scale_one))
-    assert same_negative <= 1e-5 and scale_one <= 1e-6
+@EACH_KIND
+def test_a_nag_negative_equal_to_the_prompt_changes_nothing(kind, record_difference):
+    checks.check_a_nag_negative_equal_to_the_prompt_changes_nothing(CASES[kind], record_difference)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@EACH_KIND
+def test_scale_one_changes_nothing(kind, record_difference):
+    checks.check_scale_one_changes_nothing(CASES[kind], record_difference)
+
+
+@EACH_KIND
 def test_an_images_output_does_not_depend_on_its_place_in_the_batch(kind, record_difference):
-    model = tiny_model(kind)
-    arguments, negative = batch(kind, [1, 0])
-    swapped = [1, 0, 3, 2]  # the two images swapped in both chunks
-    moved = arguments | {name: arguments[name][swapped] for name in ("x", "timesteps", "context")}
-    moved["transformer_options"] = arguments["transformer_options"] | {"sigmas": arguments["transformer_options"]["sigmas"][[1, 0]]}
-    difference = relative(guided(model, negative[[1, 0]], moved)[swapped], guided(model, negative, arguments))
-    record_difference(difference)
-    assert difference <= 1e-6
+    checks.check_an_images_output_does_not_depend_on_its_place_in_the_batch(CASES[kind], record_difference)
 
 
 def host_only_inputs(kind, arguments):
@@ -162,7 +119,7 @@ def test_a_call_with_what_only_the_host_runs_gets_the_hosts_forward(extra):
     arguments, negative = batch("zimage", [1, 0])
     arguments |= host_only_inputs("zimage", arguments)[extra]
     calls = []
-    assert torch.equal(guided(model, negative, arguments, calls=calls), model(**arguments))
+    assert torch.equal(CASES["zimage"].guided(model, negative, arguments, calls=calls), model(**arguments))
     assert calls == [(False, STOOD_ASIDE)]  # counted, and the console says why
 
 
@@ -170,40 +127,19 @@ def test_a_call_with_what_only_the_host_runs_gets_the_hosts_forward(extra):
 
 
 def nextdit_sd_model(kind):
-    """What Forge Neo's sd_model holds for a Z-Image or Lumina 2 checkpoint: the patcher over a KModel."""
-    return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=tiny_model(kind)))))
+    """What Forge Neo's sd_model holds for a Z-Image or Lumina 2 checkpoint."""
+    return neo_sd_model(tiny_model(kind))
 
 
-def nextdit_pass(negative, params=PARAMS):
-    """A NextDiTPass whose job encodes ``negative`` (one row per image) for every step."""
-    schedules = [[prompt_parser.ScheduledPromptConditioning(10, cond)] for cond in negative]
-    job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda *_arguments: schedules))
-    return NextDiTPass(job, PassReport(is_hires=False))
-
-
-@pytest.mark.parametrize("kind", KINDS)
+@EACH_KIND
 def test_the_pass_patches_a_clone_and_guides_inside_the_window(kind):
-    shared.sd_model = nextdit_sd_model(kind)
-    original = shared.sd_model.forge_objects.unet
-    model = original.model.diffusion_model
-    arguments, negative = batch(kind, [1, 0])
-    stock = model(**arguments)
-    assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), shared.sd_model) is NextDiTPass
-    nag_pass = nextdit_pass(negative, NagParams(enabled=True, end=0.5))
-    patcher = shared.sd_model.forge_objects.unet
-    assert patcher is not original and not original.object_patches and "forward" not in vars(model)
-    first = sample_in_and_after_the_window(nag_pass, patcher, lambda: model(**arguments), lambda: guided(model, negative, arguments), stock)
-    assert torch.equal(first[:IMAGES], stock[:IMAGES])
-    assert shared.sd_model.forge_objects.unet is original
-    assert nag_pass.report.guided == {0} and nag_pass.report.guided_calls == 1
-    line = JobReport(model="ZImage", passes={False: nag_pass.report}).line()
-    assert line == "[NAG] active on ZImage: first pass 1/10 steps guided (1 model calls), 2 context-refiner + 2 single-stream layers"
+    checks.check_the_pass_guides_a_clone_inside_the_window(CASES[kind], NextDiTPass, "2 context-refiner + 2 single-stream layers")
 
 
 def test_the_pass_stands_aside_when_another_extension_replaced_the_forward():
     shared.sd_model = nextdit_sd_model("lumina2")
     shared.sd_model.forge_objects.unet.add_object_patch("diffusion_model.forward", lambda *args, **kwargs: None)
-    nag_pass = nextdit_pass(batch("lumina2", [0])[1])
+    nag_pass = new_pass(NextDiTPass, batch("lumina2", [0])[1])
     assert not nag_pass.hooked
     assert nag_pass.report.skipped == "another extension replaces the NextDiT forward, which NAG would have to run"
     nag_pass.close()
