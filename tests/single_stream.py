@@ -10,9 +10,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from backend.patcher.unet import UnetPatcher
 from modules import prompt_parser, shared
 from test_flux import NAG, PARAMS, assert_guided_as_expected, relative, sample_in_and_after_the_window
+from test_forge import sd_model_of
 
 from lib_nag.hosts.forge import ForgeHost
 from lib_nag.params import NagParams
@@ -128,11 +128,6 @@ def check_what_the_model_ignores_nag_ignores_alike(case, extra):
 # --- the pass: Forge's patcher, object patch, step window ---------------------------------------------
 
 
-def neo_sd_model(model, **engine):
-    """What Neo's sd_model holds: the patcher over a KModel (and ``engine``'s attributes)."""
-    return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=model))), **engine)
-
-
 def new_pass(pass_class, negative, params=PARAMS, encodes=None):
     """A pass whose job encodes ``negative`` (one row per image) for every step; ``encodes`` collects
     the ``as_negative_prompt`` of each encoding."""
@@ -152,7 +147,7 @@ def check_the_pass_guides_a_clone_inside_the_window(case, pass_class, hooked):
     and not step 5 (end 0.5 of 10), writes its console line and sets everything back."""
     model = case.tiny_model()
     arguments, negative = case.batch([1, 0])
-    shared.sd_model = sd_model = neo_sd_model(model)
+    shared.sd_model = sd_model = sd_model_of(model)
     original = sd_model.forge_objects.unet
     stock = model(**arguments)
     assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), sd_model) is pass_class

@@ -8,9 +8,9 @@ import torch
 from backend.nn.ernie import ErnieImageModel
 from modules import shared
 from reference_ernie import reference_ernie
-from single_stream import IMAGES, Case, neo_sd_model, new_pass
+from single_stream import IMAGES, Case, new_pass
 from test_flux import EACH_LAYOUT, EACH_NEGATIVE_LENGTH, per_image_schedules, randomized, relative, run_a_job_to_its_end
-from test_forge import forge_model
+from test_forge import forge_model, sd_model_of
 from unets import randomize_outputs, sd1_like_unet
 
 from lib_nag.hosts.forge import ForgeHost
@@ -116,7 +116,7 @@ def test_the_pass_patches_a_clone_and_guides_inside_the_window():
 def test_the_nag_negative_is_encoded_as_a_prompt():
     """Neo's ErnieImage engine does not read ``is_negative_prompt``."""
     encodes = []
-    shared.sd_model = neo_sd_model(tiny_model())
+    shared.sd_model = sd_model_of(tiny_model())
     new_pass(ErniePass, torch.randn(IMAGES, 5, TEXT), encodes=encodes).close()
     assert encodes == [False]
 
@@ -124,18 +124,18 @@ def test_the_nag_negative_is_encoded_as_a_prompt():
 @pytest.mark.parametrize("ending", ["finished", "interrupted", "raised"])
 def test_nothing_is_left_after_any_job(ending):
     arguments, negative = batch([0])
-    run_a_job_to_its_end(neo_sd_model(tiny_model()), ErniePass, per_image_schedules(negative), arguments, ending)
+    run_a_job_to_its_end(sd_model_of(tiny_model()), ErniePass, per_image_schedules(negative), arguments, ending)
 
 
 def test_a_switch_between_sdxl_and_ernie_picks_each_models_pass():
     host = ForgeHost.__new__(ForgeHost)
     assert host.pass_for(forge_model(randomize_outputs(sd1_like_unet()))) is ForgeUNetPass
-    assert host.pass_for(neo_sd_model(tiny_model())) is ErniePass
+    assert host.pass_for(sd_model_of(tiny_model())) is ErniePass
     assert host.pass_for(forge_model(randomize_outputs(sd1_like_unet()))) is ForgeUNetPass
 
 
 def test_an_ernie_built_otherwise_is_named_not_run():
-    sd_model = neo_sd_model(tiny_model())
+    sd_model = sd_model_of(tiny_model())
     host = ForgeHost.__new__(ForgeHost)
     del sd_model.forge_objects.unet.model.diffusion_model.layers[0].self_attention.norm_q  # e.g. a fused-attention build
     assert host.pass_for(sd_model) is None

@@ -12,10 +12,9 @@ import torch
 from backend.nn import chroma_neo, flux_neo
 from backend.nn.chroma import IntegratedChromaTransformer2DModel
 from backend.nn.flux import IntegratedFluxTransformer2DModel
-from backend.patcher.unet import UnetPatcher
 from modules import prompt_parser, script_callbacks, shared
 from reference_joint import reference_joint
-from test_forge import denoiser_step, forge_model
+from test_forge import denoiser_step, forge_model, sd_model_of
 from unets import randomize_outputs, sd1_like_unet
 
 from lib_nag.hosts.forge import ForgeHost
@@ -214,11 +213,6 @@ def sample_in_and_after_the_window(nag_pass, patcher, call, guided_call, stock):
     finally:
         nag_pass.close()
         patcher.forge_unpatch_model()
-
-
-def sd_model_of(model):
-    """What Forge's sd_model holds for a checkpoint of ``model``: the patcher over a KModel."""
-    return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=model))))
 
 
 def flux_sd_model(kind):

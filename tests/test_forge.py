@@ -25,8 +25,13 @@ PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
 IMAGES = 2
 
 
+def sd_model_of(model, **engine):
+    """What Forge's sd_model holds for a checkpoint of ``model`` (and ``engine``'s attributes): the patcher over a KModel."""
+    return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=model))), **engine)
+
+
 def forge_model(unet):
-    return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=unet))), is_sd1=True)
+    return sd_model_of(unet, is_sd1=True)
 
 
 def negative_schedules(width=768, tokens=154):

@@ -11,11 +11,11 @@ from backend.nn.krea import SingleStreamDiT
 from harness import reset_host, txt2img
 from modules import shared
 from reference_krea import reference_krea
-from single_stream import IMAGES, Case, neo_sd_model
+from single_stream import IMAGES, Case
 from test_ernie import tiny_model as tiny_ernie
 from test_flux import EACH_LAYOUT, EACH_NEGATIVE_LENGTH, PARAMS, per_image_schedules, randomized, relative, run_a_job_to_its_end
 from test_flux import tiny_model as tiny_flux
-from test_forge import forge_model
+from test_forge import forge_model, sd_model_of
 from unets import randomize_outputs, sd1_like_unet
 
 from lib_nag.hosts.forge import ForgeHost
@@ -139,7 +139,7 @@ class Krea2Engine:
     sd_checkpoint_info = "krea2"
 
     def __init__(self, model):
-        self.forge_objects = neo_sd_model(model).forge_objects
+        self.forge_objects = sd_model_of(model).forge_objects
         self.ref_latents_cleared = 0
         self.seen = []
 
@@ -167,19 +167,19 @@ def test_the_nag_negative_is_encoded_as_a_negative_prompt():
 @pytest.mark.parametrize("ending", ["finished", "interrupted", "raised"])
 def test_nothing_is_left_after_any_job(ending):
     arguments, negative = batch([0])
-    run_a_job_to_its_end(neo_sd_model(tiny_model()), KreaPass, per_image_schedules(negative), arguments, ending)
+    run_a_job_to_its_end(sd_model_of(tiny_model()), KreaPass, per_image_schedules(negative), arguments, ending)
 
 
 def test_a_switch_between_sdxl_krea_and_ernie_picks_each_models_pass():
     host = ForgeHost.__new__(ForgeHost)
     assert host.pass_for(forge_model(randomize_outputs(sd1_like_unet()))) is ForgeUNetPass
-    assert host.pass_for(neo_sd_model(tiny_model())) is KreaPass
-    assert host.pass_for(neo_sd_model(tiny_ernie())) is not KreaPass
-    assert host.pass_for(neo_sd_model(tiny_flux("neo"))) is not KreaPass
+    assert host.pass_for(sd_model_of(tiny_model())) is KreaPass
+    assert host.pass_for(sd_model_of(tiny_ernie())) is not KreaPass
+    assert host.pass_for(sd_model_of(tiny_flux("neo"))) is not KreaPass
 
 
 def test_a_krea_built_otherwise_is_named_not_run():
-    sd_model = neo_sd_model(tiny_model())
+    sd_model = sd_model_of(tiny_model())
     host = ForgeHost.__new__(ForgeHost)
     del sd_model.forge_objects.unet.model.diffusion_model.blocks[1].attn.gate  # e.g. a build without the output gate
     assert host.pass_for(sd_model) is None

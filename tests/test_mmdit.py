@@ -9,11 +9,11 @@ import pytest
 import torch
 from backend.nn.flux import IntegratedFluxTransformer2DModel
 from backend.nn.mmditx import MMDiTX
-from backend.patcher.unet import UnetPatcher
 from modules import prompt_parser, shared
 from modules.models.sd3.mmdit import MMDiT
 from reference_mmdit import reference_mmdit
 from test_flux import EACH_LAYOUT, EACH_NEGATIVE_LENGTH, SIZES, assert_guided_as_expected, relative, sample_in_and_after_the_window
+from test_forge import sd_model_of
 
 from lib_nag.attention import PositiveRows
 from lib_nag.hosts.forge import ForgeHost
@@ -169,7 +169,7 @@ def test_is_mmdit_recognises_both_hosts_models_only():
 
 def test_the_forge_pass_patches_a_clone_and_guides_inside_the_window():
     model = tiny_model("forge sd3.5 large")
-    shared.sd_model = SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=model))), is_sd3=True)
+    shared.sd_model = sd_model_of(model, is_sd3=True)
     original = shared.sd_model.forge_objects.unet
     arguments, negative = batch("forge sd3.5 large", [1, 0])
     stock = model(**arguments)

@@ -14,7 +14,7 @@ from backend.nn.flux import IntegratedFluxTransformer2DModel
 from backend.patcher.unet import UnetPatcher
 from modules import prompt_parser, shared
 from reference_nextdit import reference_nextdit
-from single_stream import IMAGES, Case, neo_sd_model, new_pass
+from single_stream import IMAGES, Case, new_pass
 from test_flux import (
     EACH_LAYOUT,
     EACH_NEGATIVE_LENGTH,
@@ -23,7 +23,7 @@ from test_flux import (
     randomized,
     run_a_job_to_its_end,
 )
-from test_forge import forge_model
+from test_forge import forge_model, sd_model_of
 from unets import randomize_outputs, sd1_like_unet
 
 from lib_nag.hosts.forge import ForgeHost
@@ -128,7 +128,7 @@ def test_a_call_with_what_only_the_host_runs_gets_the_hosts_forward(extra):
 
 def nextdit_sd_model(kind):
     """What Forge Neo's sd_model holds for a Z-Image or Lumina 2 checkpoint."""
-    return neo_sd_model(tiny_model(kind))
+    return sd_model_of(tiny_model(kind))
 
 
 @EACH_KIND

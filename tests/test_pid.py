@@ -4,8 +4,8 @@ NAG does not run; NAG stands aside with a console line that names the model and 
 from types import SimpleNamespace
 
 from backend.nn.pixeldit import PidNet
-from backend.patcher.unet import UnetPatcher
 from modules import shared
+from test_forge import sd_model_of
 from test_wan import engine
 
 from lib_nag.hosts.forge import ForgeHost
@@ -37,5 +37,5 @@ def test_other_models_are_not_taken_for_pid():
     host = ForgeHost.__new__(ForgeHost)
     stripped = PidNet()
     del stripped.pixel_blocks
-    sd_model = SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=stripped))))
+    sd_model = sd_model_of(stripped)
     assert host.unsupported_reason(sd_model) == "NAG does not know the attention layers of SimpleNamespace (PidNet)"

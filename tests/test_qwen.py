@@ -9,7 +9,6 @@ import pytest
 import torch
 from backend.args import dynamic_args
 from backend.nn.qwen import QwenImageTransformer2DModel, QwenImageTransformerBlock
-from backend.patcher.unet import UnetPatcher
 from modules import prompt_parser, shared
 from reference_qwen import reference_qwen
 from test_flux import (
@@ -22,7 +21,7 @@ from test_flux import (
     run_a_job_to_its_end,
     sample_in_and_after_the_window,
 )
-from test_forge import forge_model
+from test_forge import forge_model, sd_model_of
 from test_mmdit import tiny_model as tiny_mmdit
 from unets import randomize_outputs, sd1_like_unet
 
@@ -249,7 +248,7 @@ def test_a_forward_that_skips_nags_block_patches_is_counted_not_guided():
 
 def qwen_sd_model(model=None):
     """What Neo's sd_model holds for a Qwen-Image checkpoint: the patcher over a KModel."""
-    return SimpleNamespace(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=model or tiny_model()))))
+    return sd_model_of(model or tiny_model())
 
 
 def qwen_pass(negative, params=PARAMS):
