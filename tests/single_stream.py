@@ -6,18 +6,17 @@ checks on it."""
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-from modules import prompt_parser, shared
-from test_flux import NAG, PARAMS, assert_guided_as_expected, relative, sample_in_and_after_the_window
+from modules import shared
+from test_flux import NAG, PARAMS, assert_guided_as_expected, new_pass, relative, sample_in_and_after_the_window
 from test_forge import sd_model_of
 
 from lib_nag.hosts.forge import ForgeHost
 from lib_nag.params import NagParams
 from lib_nag.webui.forge_patcher import forge_rows
-from lib_nag.webui.report import JobReport, PassReport
+from lib_nag.webui.report import JobReport
 
 IMAGES = 2
 PER_ROW = ("x", "timesteps", "context")  # the arguments with one row per row of the call
@@ -126,20 +125,6 @@ def check_what_the_model_ignores_nag_ignores_alike(case, extra):
 
 
 # --- the pass: Forge's patcher, object patch, step window ---------------------------------------------
-
-
-def new_pass(pass_class, negative, params=PARAMS, encodes=None):
-    """A pass whose job encodes ``negative`` (one row per image) for every step; ``encodes`` collects
-    the ``as_negative_prompt`` of each encoding."""
-    schedules = [[prompt_parser.ScheduledPromptConditioning(10, cond)] for cond in negative]
-
-    def encode(p, params, is_hires, as_negative_prompt):
-        if encodes is not None:
-            encodes.append(as_negative_prompt)
-        return schedules
-
-    job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=encode))
-    return pass_class(job, PassReport(is_hires=False))
 
 
 def check_the_pass_guides_a_clone_inside_the_window(case, pass_class, hooked):

@@ -10,7 +10,7 @@ from backend.args import dynamic_args
 from backend.nn import anima
 from modules import script_callbacks, shared
 from reference_anima import reference_anima
-from test_flux import assert_guided_as_expected, randomized, relative
+from test_flux import assert_guided_as_expected, new_pass, randomized, relative
 from test_forge import all_hooks_gone, denoiser_step, forge_model
 from test_wan import (
     EACH_LAYOUT,
@@ -20,7 +20,6 @@ from test_wan import (
     engine,
     guided,
     job_with_host,
-    new_pass,
     positive_last,
     run_job,
     sample_in_and_after_the_window,

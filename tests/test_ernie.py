@@ -8,8 +8,8 @@ import torch
 from backend.nn.ernie import ErnieImageModel
 from modules import shared
 from reference_ernie import reference_ernie
-from single_stream import IMAGES, Case, new_pass
-from test_flux import EACH_LAYOUT, EACH_NEGATIVE_LENGTH, per_image_schedules, randomized, relative, run_a_job_to_its_end
+from single_stream import IMAGES, Case
+from test_flux import EACH_LAYOUT, EACH_NEGATIVE_LENGTH, new_pass, per_image_schedules, randomized, relative, run_a_job_to_its_end
 from test_forge import forge_model, sd_model_of
 from unets import randomize_outputs, sd1_like_unet
 

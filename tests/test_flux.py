@@ -225,6 +225,20 @@ def per_image_schedules(negative):
     return [[prompt_parser.ScheduledPromptConditioning(10, cond)] for cond in per_image]
 
 
+def new_pass(pass_class, negative, params=PARAMS, encodes=None):
+    """A ``pass_class`` pass whose job encodes ``negative`` (one row per image) for every step; ``encodes``
+    collects the ``as_negative_prompt`` of each encoding."""
+    schedules = per_image_schedules(negative)
+
+    def encode(p, params, is_hires, as_negative_prompt):
+        if encodes is not None:
+            encodes.append(as_negative_prompt)
+        return schedules
+
+    job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=encode))
+    return pass_class(job, PassReport(is_hires=False))
+
+
 def flux_pass(negative, params=PARAMS, pass_class=FluxPass):
     """A FluxPass (or ``pass_class``) whose job encodes ``negative`` (one row per image) for every step."""
     schedules = per_image_schedules(negative)

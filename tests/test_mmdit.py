@@ -3,16 +3,22 @@
 rms qk-norm, SD3.5 Medium's image self-attention), against the ComfyUI-NAG reference
 (tests/reference_mmdit.py)."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from backend.nn.flux import IntegratedFluxTransformer2DModel
 from backend.nn.mmditx import MMDiTX
-from modules import prompt_parser, shared
+from modules import shared
 from modules.models.sd3.mmdit import MMDiT
 from reference_mmdit import reference_mmdit
-from test_flux import EACH_LAYOUT, EACH_NEGATIVE_LENGTH, SIZES, assert_guided_as_expected, relative, sample_in_and_after_the_window
+from test_flux import (
+    EACH_LAYOUT,
+    EACH_NEGATIVE_LENGTH,
+    SIZES,
+    assert_guided_as_expected,
+    new_pass,
+    relative,
+    sample_in_and_after_the_window,
+)
 from test_forge import sd_model_of
 
 from lib_nag.attention import PositiveRows
@@ -20,7 +26,7 @@ from lib_nag.hosts.forge import ForgeHost
 from lib_nag.models.mmdit import STOOD_ASIDE, ForgeMMDiTPass, is_mmdit, nag_forward
 from lib_nag.params import NagParams
 from lib_nag.webui.forge_patcher import forge_rows
-from lib_nag.webui.report import JobReport, PassReport
+from lib_nag.webui.report import JobReport
 
 PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
 IMAGES, CONTEXT, POOLED, PROMPT_TOKENS, DEPTH = 2, 24, 12, 7, 3
@@ -175,9 +181,7 @@ def test_the_forge_pass_patches_a_clone_and_guides_inside_the_window():
     stock = model(**arguments)
     host = ForgeHost.__new__(ForgeHost)
     assert host.pass_for(shared.sd_model) is ForgeMMDiTPass
-    schedules = [[prompt_parser.ScheduledPromptConditioning(10, {k: v[i] for k, v in negative.items()})] for i in range(IMAGES)]
-    job = SimpleNamespace(p=object(), params=NagParams(enabled=True, end=0.5), negative=SimpleNamespace(encode=lambda *args: schedules))
-    nag_pass = ForgeMMDiTPass(job, PassReport(is_hires=False))
+    nag_pass = new_pass(ForgeMMDiTPass, negative, NagParams(enabled=True, end=0.5))
     patcher = shared.sd_model.forge_objects.unet
     rows = rows_of("forge sd3.5 large", [1, 0], [])
     sample_in_and_after_the_window(nag_pass, patcher, lambda: model(**arguments), lambda: guided(model, negative, arguments, rows), stock)

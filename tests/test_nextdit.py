@@ -12,14 +12,16 @@ import torch
 from backend.nn import lumina
 from backend.nn.flux import IntegratedFluxTransformer2DModel
 from backend.patcher.unet import UnetPatcher
-from modules import prompt_parser, shared
+from modules import shared
 from reference_nextdit import reference_nextdit
-from single_stream import IMAGES, Case, new_pass
+from single_stream import IMAGES, Case
 from test_flux import (
     EACH_LAYOUT,
     EACH_NEGATIVE_LENGTH,
     ENDINGS,
     SIZES,
+    new_pass,
+    per_image_schedules,
     randomized,
     run_a_job_to_its_end,
 )
@@ -176,8 +178,7 @@ def test_the_nag_negative_is_encoded_as_the_host_encodes_its_negative_prompt():
 @ENDINGS
 def test_nothing_is_left_after_any_nextdit_job(ending):
     arguments, negative = batch("zimage", [0])
-    schedules = [[prompt_parser.ScheduledPromptConditioning(10, cond)] for cond in negative]
-    run_a_job_to_its_end(nextdit_sd_model("zimage"), NextDiTPass, schedules, arguments, ending)
+    run_a_job_to_its_end(nextdit_sd_model("zimage"), NextDiTPass, per_image_schedules(negative), arguments, ending)
 
 
 def test_a_switch_between_sdxl_flux_and_nextdit_picks_each_models_pass():

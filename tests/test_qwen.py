@@ -17,6 +17,7 @@ from test_flux import (
     ENDINGS,
     assert_guided_as_expected,
     flux_sd_model,
+    new_pass,
     relative,
     run_a_job_to_its_end,
     sample_in_and_after_the_window,
@@ -251,13 +252,6 @@ def qwen_sd_model(model=None):
     return sd_model_of(model or tiny_model())
 
 
-def qwen_pass(negative, params=PARAMS):
-    """A QwenImagePass whose job encodes ``negative`` (one row per image) for every step."""
-    schedules = [[prompt_parser.ScheduledPromptConditioning(10, cond)] for cond in negative]
-    job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda *_arguments: schedules))
-    return QwenImagePass(job, PassReport(is_hires=False))
-
-
 def test_the_pass_patches_a_clone_and_guides_inside_the_window(references):
     references(REFERENCES["one reference"])
     shared.sd_model = qwen_sd_model()
@@ -266,7 +260,7 @@ def test_the_pass_patches_a_clone_and_guides_inside_the_window(references):
     arguments, negative = batch([1, 0])
     own = stock(model, arguments)
     assert ForgeHost.pass_for(ForgeHost.__new__(ForgeHost), shared.sd_model) is QwenImagePass
-    nag_pass = qwen_pass(negative, NagParams(enabled=True, end=0.5))
+    nag_pass = new_pass(QwenImagePass, negative, NagParams(enabled=True, end=0.5))
     patcher = shared.sd_model.forge_objects.unet
     assert patcher is not original and not original.object_patches and "forward" not in vars(model)
     with pytest.MonkeyPatch.context() as patch:

@@ -10,9 +10,9 @@ import torch
 from backend.args import dynamic_args
 from backend.nn import wan
 from backend.patcher.unet import UnetPatcher
-from modules import prompt_parser, script_callbacks, sd_samplers_common, shared
+from modules import script_callbacks, sd_samplers_common, shared
 from reference_wan import reference_wan
-from test_flux import assert_guided_as_expected, randomized, relative
+from test_flux import assert_guided_as_expected, new_pass, per_image_schedules, randomized, relative
 from test_forge import all_hooks_gone, denoiser_step, forge_model
 from unets import randomize_outputs, sd1_like_unet
 
@@ -68,13 +68,6 @@ def batch(kind, chunks, negative_tokens=7):
 
 def engine(model, engine_class=Wan):
     return engine_class(forge_objects=SimpleNamespace(unet=UnetPatcher(SimpleNamespace(diffusion_model=model))))
-
-
-def new_pass(pass_class, negative, params=PARAMS):
-    """A pass on ``shared.sd_model`` whose job encodes ``negative`` (one row per prompt) for every step."""
-    schedules = [[prompt_parser.ScheduledPromptConditioning(10, row)] for row in negative]
-    job = SimpleNamespace(p=object(), params=params, negative=SimpleNamespace(encode=lambda *_arguments: schedules))
-    return pass_class(job, PassReport(is_hires=False))
 
 
 def guided(model, negative, arguments, params=PARAMS, pass_class=WanPass, engine_class=Wan):
@@ -257,7 +250,7 @@ def job_with_host(model, negative, engine_class=Wan):
     shared.sd_model = engine(model, engine_class)
     host = ForgeHost.__new__(ForgeHost)
     NagHost.__init__(host)
-    schedules = [[prompt_parser.ScheduledPromptConditioning(10, row)] for row in negative]
+    schedules = per_image_schedules(negative)
     host.negative = SimpleNamespace(encode=lambda *args: schedules, forget=lambda: None)
     return host
 
