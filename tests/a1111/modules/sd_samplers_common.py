@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import namedtuple
+from typing import ClassVar
 
 import torch
 
@@ -72,6 +73,8 @@ def apply_refiner(cfg_denoiser, sigma=None) -> bool:
 class Sampler:
     """Mirrors sd_samplers_common.Sampler (v1.10.1)."""
 
+    func_options: ClassVar[dict] = {}
+
     def __init__(self, funcname):
         self.funcname = self.func = funcname
         self.extra_params: list[str] = []
@@ -120,3 +123,22 @@ class Sampler:
             p.extra_generation_params["Pad conds"] = True
         if self.model_wrap_cfg.padded_cond_uncond_v0:
             p.extra_generation_params["Pad conds v0"] = True
+
+    def _run(self, p, x, conditioning, unconditional_conditioning, image_conditioning, schedule, steps):
+        """What both sampler kinds' ``sample`` and ``sample_img2img`` do (v1.10.1 writes it out in each):
+        the extra args, then ``func(model_wrap_cfg, x, schedule)`` (σs or timesteps) under
+        ``launch_sampling`` with the sampler kind's ``func_options``, then the infotext."""
+        self.initialize(p)
+        self.last_latent = x
+        self.sampler_extra_args = {
+            "cond": conditioning,
+            "image_cond": image_conditioning,
+            "uncond": unconditional_conditioning,
+            "cond_scale": p.cfg_scale,
+            "s_min_uncond": self.s_min_uncond,
+        }
+        options = {"extra_args": self.sampler_extra_args, "callback": self.callback_state, **self.func_options}
+        func = self.func
+        samples = self.launch_sampling(steps, lambda: func(self.model_wrap_cfg, x, schedule, **options))
+        self.add_infotext(p)
+        return samples

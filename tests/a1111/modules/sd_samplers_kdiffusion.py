@@ -6,6 +6,8 @@ k-diffusion (MIT) ``external.CompVisDenoiser`` and ``sampling.sample_euler/heun`
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from modules import sd_samplers_cfg_denoiser, sd_samplers_common, shared
@@ -101,6 +103,8 @@ class CFGDenoiserKDiffusion(sd_samplers_cfg_denoiser.CFGDenoiser):
 class KDiffusionSampler(sd_samplers_common.Sampler):
     """Mirrors sd_samplers_kdiffusion.KDiffusionSampler (v1.10.1), "Automatic" schedule only."""
 
+    func_options: ClassVar[dict] = {"disable": False}
+
     def __init__(self, funcname, sd_model, options=None):
         super().__init__(funcname)
         self.options = options or {}
@@ -113,25 +117,6 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
         if p.sampler_noise_scheduler_override:
             return p.sampler_noise_scheduler_override(steps)
         return self.model_wrap.get_sigmas(steps)
-
-    def _run(self, p, x, conditioning, unconditional_conditioning, image_conditioning, sigmas, steps):
-        self.initialize(p)
-        self.last_latent = x
-        self.sampler_extra_args = {
-            "cond": conditioning,
-            "image_cond": image_conditioning,
-            "uncond": unconditional_conditioning,
-            "cond_scale": p.cfg_scale,
-            "s_min_uncond": self.s_min_uncond,
-        }
-        samples = self.launch_sampling(
-            steps,
-            lambda: self.func(
-                self.model_wrap_cfg, x, sigmas, extra_args=self.sampler_extra_args, disable=False, callback=self.callback_state
-            ),
-        )
-        self.add_infotext(p)
-        return samples
 
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         """Mirrors KDiffusionSampler.sample (v1.10.1)."""

@@ -57,23 +57,6 @@ class CompVisSampler(sd_samplers_common.Sampler):
         steps += 1 if discard or opts.always_discard_next_to_last_sigma else 0
         return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps))) + 1, 0, 999)
 
-    def _run(self, p, x, conditioning, unconditional_conditioning, image_conditioning, timesteps, steps):
-        self.initialize(p)
-        self.last_latent = x
-        self.sampler_extra_args = {
-            "cond": conditioning,
-            "image_cond": image_conditioning,
-            "uncond": unconditional_conditioning,
-            "cond_scale": p.cfg_scale,
-            "s_min_uncond": self.s_min_uncond,
-        }
-        func = self.func
-        samples = self.launch_sampling(
-            steps, lambda: func(self.model_wrap_cfg, x, timesteps, extra_args=self.sampler_extra_args, callback=self.callback_state)
-        )
-        self.add_infotext(p)
-        return samples
-
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
         return self._run(p, x, conditioning, unconditional_conditioning, image_conditioning, self.get_timesteps(p, steps), steps)
