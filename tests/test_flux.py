@@ -22,6 +22,7 @@ from lib_nag.models import flux_blocks
 from lib_nag.models.flux import FluxPass, entry_point, flux1_or_chroma, nag_forward
 from lib_nag.models.unet import ForgeUNetPass
 from lib_nag.params import NagParams
+from lib_nag.webui.job import NagHost, NagJob
 from lib_nag.webui.report import JobReport, PassReport
 
 PARAMS = NagParams(enabled=True, scale=5.0, tau=2.5, alpha=0.25)
@@ -336,8 +337,6 @@ def run_a_job_to_its_end(sd_model, pass_class, schedules, arguments, ending):
     ``interrupted`` or ``raised`` in its second step, then checks that the job's ``p.sample`` guard left
     nothing: the pass's patcher gone, the model unpatched, no callback registered, the infotext only if
     sampling returned."""
-    from lib_nag.webui.job import NagHost, NagJob
-
     shared.sd_model = sd_model
     original = sd_model.forge_objects.unet
     model = original.model.diffusion_model
